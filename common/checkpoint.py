@@ -1,0 +1,48 @@
+"""Checkpoint I/O: atomic writes and loads that fail with a clear message (DESIGN §6)."""
+import os
+import tempfile
+
+import torch
+
+from common.errors import UserError
+
+ANN_KEYS = ("net_model", "ema_model", "flags", "step")
+SNN_KEYS = ("ema_model", "flags", "bit", "T", "signed")
+
+
+def save_atomic(obj, path):
+    """``torch.save`` into a temporary file of the same folder, then rename into place.
+
+    An interruption leaves the previous file at ``path`` untouched.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint dict; a missing, truncated or foreign file is a ``UserError``."""
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # truncated zip, pickle from elsewhere, ...
+        raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
+    if not isinstance(ckpt, dict) or "ema_model" not in ckpt or "flags" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of this project (no 'ema_model' and 'flags' entries)")
+    return ckpt
+
+
+def checkpoint_kind(ckpt):
+    """``'snn'`` for a converted or fine-tuned SNN checkpoint, ``'ann'`` for a training ``ckpt.pt``."""
+    return "snn" if "signed" in ckpt else "ann"

@@ -1,0 +1,135 @@
+"""Training data: CIFAR-10 through torchvision, or the embedded ``shapes`` set (DESIGN §7).
+
+Images come out as float tensors in [-1, 1], randomly flipped left-right as in pytorch-ddpm.
+"""
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+from torchvision import datasets, transforms
+
+from common.errors import UserError
+
+SHAPES_SIZE = 16384
+_PALETTE = np.array([
+    [230, 57, 70], [241, 250, 238], [168, 218, 220], [69, 123, 157], [29, 53, 87],
+    [255, 183, 3], [251, 133, 0], [42, 157, 143], [38, 70, 83], [233, 196, 106],
+], dtype=np.float32)
+SHAPE_CLASSES = ("disk", "square", "ring", "stripes", "diagonal", "cross")
+
+
+def draw_shape(index, size=32):
+    """Image ``index`` of the embedded dataset: [size, size, 3] uint8, the same on every machine.
+
+    A background colour with a soft vertical gradient and one shape of another colour: a disk,
+    a square, a ring, horizontal stripes, a diagonal split or a cross, with random position and
+    scale. Class ``index % 6``; everything else comes from a generator seeded by ``index``.
+    """
+    rng = np.random.default_rng(index)
+    kind = SHAPE_CLASSES[index % len(SHAPE_CLASSES)]
+    bg, fg = rng.choice(len(_PALETTE), size=2, replace=False)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / (size - 1)
+    cy, cx = rng.uniform(0.3, 0.7, size=2)
+    r = rng.uniform(0.15, 0.3)
+    if kind == "disk":
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2
+    elif kind == "square":
+        mask = (np.abs(yy - cy) < r) & (np.abs(xx - cx) < r)
+    elif kind == "ring":
+        d = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
+        mask = (d < r + 0.06) & (d > r - 0.06)
+    elif kind == "stripes":
+        mask = np.floor(yy * rng.integers(2, 5) * 2 + rng.uniform()) % 2 == 0
+    elif kind == "diagonal":
+        mask = (yy - cy) > (xx - cx) * rng.choice([-1.0, 1.0])
+    else:
+        mask = (np.abs(yy - cy) < r / 3) | (np.abs(xx - cx) < r / 3)
+    shade = 0.8 + 0.4 * yy[..., None]
+    img = np.where(mask[..., None], _PALETTE[fg], _PALETTE[bg] * shade)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+class ShapesDataset(Dataset):
+    """The embedded synthetic dataset: ``length`` images drawn on demand by ``draw_shape``."""
+
+    def __init__(self, length=SHAPES_SIZE, img_size=32, transform=None):
+        self.length = length
+        self.img_size = img_size
+        self.transform = transform
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        img = Image.fromarray(draw_shape(index, self.img_size))
+        return (self.transform(img) if self.transform else img), index % len(SHAPE_CLASSES)
+
+
+class _CIFAR10Folder(datasets.CIFAR10):
+    """torchvision's CIFAR10 that accepts a folder holding every batch file of its layout.
+
+    torchvision checks the md5 of each file; a folder written by another tool in the same
+    format (or a test's small one) is accepted when every file is present.
+    """
+
+    def _check_integrity(self):
+        folder = os.path.join(self.root, self.base_folder)
+        return all(os.path.isfile(os.path.join(folder, name)) for name, _ in self.train_list + self.test_list)
+
+
+def train_transform(img_size, flip=True):
+    steps = [transforms.Resize(img_size)] if img_size != 32 else []
+    if flip:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
+    return transforms.Compose(steps)
+
+
+def load_dataset(name, data_dir, img_size=32, flip=True, train=True):
+    """The dataset ``name`` (``cifar10`` or ``shapes``) yielding (image [3, H, W] in [-1, 1], label)."""
+    transform = train_transform(img_size, flip)
+    if name == "shapes":
+        return ShapesDataset(img_size=img_size, transform=transform)
+    if name != "cifar10":
+        raise UserError(f"unknown dataset {name!r}: use cifar10 or shapes")
+    try:
+        return _CIFAR10Folder(root=data_dir, train=train, download=False, transform=transform)
+    except RuntimeError:
+        pass
+    try:
+        return _CIFAR10Folder(root=data_dir, train=train, download=True, transform=transform)
+    except Exception as err:
+        raise UserError(
+            f"CIFAR-10 is not in {os.path.abspath(data_dir)} and could not be downloaded "
+            f"({type(err).__name__}: {err}); put torchvision's layout there "
+            f"({os.path.join(data_dir, 'cifar-10-batches-py')}/data_batch_1..5, test_batch, batches.meta) "
+            "or run with --dataset=shapes") from None
+
+
+def infinite_batches(dataset, batch_size, rt, num_workers=0, seed=0):
+    """Endless stream of image batches [batch_size / world_size, 3, H, W] on ``rt.device``.
+
+    Under torchrun each rank reads its own shard (DistributedSampler), so the global batch
+    is ``batch_size``.
+    """
+    if batch_size % rt.world_size:
+        raise UserError(f"--batch_size={batch_size} must be divisible by the {rt.world_size} processes")
+    per_rank = batch_size // rt.world_size
+    if len(dataset) < per_rank:
+        raise UserError(f"the dataset has {len(dataset)} images, fewer than one batch of {per_rank}")
+    sampler = DistributedSampler(dataset, rt.world_size, rt.rank, shuffle=True, seed=seed) \
+        if rt.distributed else None
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=per_rank, shuffle=sampler is None, sampler=sampler,
+                        num_workers=num_workers, drop_last=True, generator=generator,
+                        pin_memory=rt.device.type == "cuda", persistent_workers=num_workers > 0)
+    epoch = 0
+    while True:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        for x, _ in loader:
+            yield x.to(rt.device, non_blocking=True)
+        epoch += 1

@@ -1,0 +1,24 @@
+"""User-facing errors: one clear line and a non-zero exit, never a traceback."""
+import sys
+
+from absl import app
+
+
+class UserError(Exception):
+    """A mistake in the user's input (a path, a flag value, a checkpoint): shown as one line."""
+
+
+def run(main):
+    """``absl.app.run(main)``, printing a ``UserError`` as ``error: ...`` and exiting with 1."""
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            print("interrupted; the last checkpoint written is intact", file=sys.stderr)
+            sys.exit(130)
+
+    app.run(guarded)

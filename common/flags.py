@@ -1,0 +1,89 @@
+"""Flag definitions shared by the four scripts, each defined once (DESIGN §1).
+
+A script calls the ``define_*`` groups it needs at import time. Architecture and diffusion flags
+are stored in every checkpoint (``model_flags``); later stages rebuild the model from the
+checkpoint and refuse an explicitly given flag that contradicts it (``resolve_model_flags``).
+"""
+import os
+
+from absl import flags
+
+from common.errors import UserError
+
+FLAGS = flags.FLAGS
+
+MODEL_FLAG_NAMES = ("ch", "ch_mult", "attn", "num_res_blocks", "dropout", "bit", "wbit",
+                    "T", "beta_1", "beta_T", "mean_type", "var_type", "img_size", "dataset")
+
+
+def define_model_flags():
+    # UNet
+    flags.DEFINE_integer("ch", 128, help="base channel of the UNet (a multiple of 32)")
+    flags.DEFINE_multi_integer("ch_mult", [1, 2, 2, 2], help="channel multiplier per resolution level")
+    flags.DEFINE_multi_integer("attn", [], help="levels with self-attention (full precision only)")
+    flags.DEFINE_integer("num_res_blocks", 2, help="ResBlocks per level")
+    flags.DEFINE_float("dropout", 0.1, help="dropout rate of the ResBlocks")
+    # Quantization
+    flags.DEFINE_integer("bit", 2, help="activation bits; the SNN runs T = 2**bit - 1 steps; 32 = full precision")
+    flags.DEFINE_integer("wbit", 32, help="APoT weight bits (32 = full-precision weights, as in the seed)")
+    # Gaussian diffusion
+    flags.DEFINE_float("beta_1", 1e-4, help="start beta value")
+    flags.DEFINE_float("beta_T", 0.02, help="end beta value")
+    flags.DEFINE_integer("T", 1000, help="number of diffusion steps")
+    flags.DEFINE_enum("mean_type", "epsilon", ["xprev", "xstart", "epsilon"], help="predict variable")
+    flags.DEFINE_enum("var_type", "fixedlarge", ["fixedlarge", "fixedsmall"], help="variance type")
+    flags.DEFINE_integer("img_size", 32, help="image size")
+
+
+def define_data_flags():
+    flags.DEFINE_enum("dataset", "cifar10", ["cifar10", "shapes"],
+                      help="cifar10 (torchvision) or shapes (embedded synthetic data, no download)")
+    flags.DEFINE_string("data_dir", "./data", help="folder of the torchvision CIFAR-10 data")
+    flags.DEFINE_integer("num_workers", 4, help="workers of the data loader")
+
+
+def define_run_flags():
+    flags.DEFINE_string("logdir", None, help="log directory (default: ./logs/RELU_QUANT{bit}B_DDPM_CIFAR10_EPS)")
+    flags.DEFINE_integer("seed", 0, help="random seed")
+    flags.DEFINE_bool("parallel", False, help="multi-GPU training with torch.nn.DataParallel")
+
+
+def define_sampler_flags():
+    flags.DEFINE_enum("sampler", "ddpm", ["ddpm", "ddim"], help="ancestral 1000-step sampler or DDIM")
+    flags.DEFINE_integer("sample_steps", 100, help="DDIM sampling steps")
+    flags.DEFINE_float("eta", 0.0, help="DDIM eta (0: deterministic)")
+
+
+def define_snn_flags():
+    flags.DEFINE_bool("sign", False, help="signed IF neurons (Fast-SNN); --nosign: plain unsigned IF neurons")
+
+
+def logdir():
+    """``--logdir``, or the seed's default name for ``--bit``."""
+    return FLAGS.logdir or os.path.join(".", "logs", f"RELU_QUANT{FLAGS.bit}B_DDPM_CIFAR10_EPS")
+
+
+def model_flags():
+    """Plain dict of the architecture and diffusion flags, as stored in checkpoints."""
+    return {name: _plain(FLAGS[name].value) for name in MODEL_FLAG_NAMES if name in FLAGS}
+
+
+def resolve_model_flags(stored, path):
+    """Merge a checkpoint's stored flags into FLAGS, refusing explicit contradictions.
+
+    Returns the stored dict. A flag given on the command line or in a flagfile that differs
+    from the checkpoint raises ``UserError`` naming both values and the checkpoint ``path``.
+    """
+    for name, value in stored.items():
+        if name not in FLAGS:
+            continue
+        given = FLAGS[name]
+        if given.present and _plain(given.value) != value:
+            raise UserError(f"--{name}={_plain(given.value)} contradicts the checkpoint {path}, "
+                            f"which was trained with {name}={value}; drop the flag or fix it")
+        given.value = list(value) if isinstance(value, (list, tuple)) else value
+    return stored
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value

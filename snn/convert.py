@@ -1,0 +1,55 @@
+"""Quantized ANN -> SNN conversion by module swap (DESIGN §3)."""
+import torch.nn as nn
+
+from model import UNet
+from quant import FULL_PRECISION, QuantReLU
+from snn.neuron import IFNeuron, time_mean
+
+
+def swap_activations(module, make_neuron):
+    """Replace every ``QuantReLU`` under ``module`` with ``make_neuron(quant_relu)``, in place."""
+    targets = [(name, m) for name, m in module.named_modules() if isinstance(m, QuantReLU)]
+    for name, quant in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child, make_neuron(quant))
+    return module
+
+
+class SpikingUNet(UNet):
+    """The UNet with IF neurons simulating ``T = 2**bit - 1`` steps.
+
+    forward(x [B, 3, H, W], t [B]) -> [B, 3, H, W]: the input is repeated over T (direct
+    encoding), every stateless layer runs on the folded ``[T*B, ...]`` tensors, and the output is
+    the mean over T. Parameter names are those of the ANN.
+    """
+
+    def __init__(self, signed=True, **config):
+        super().__init__(**config)
+        if self.bit == FULL_PRECISION:
+            raise ValueError("a full-precision (--bit=32) UNet has no quantized activations to convert")
+        self.time_steps = 2 ** self.bit - 1
+        self.signed = bool(signed)
+        swap_activations(self, lambda q: IFNeuron(self.time_steps, q.act_alpha.item(), self.signed))
+
+    def forward(self, x, t):
+        T = self.time_steps
+        out = super().forward(x.repeat(T, 1, 1, 1), t.repeat(T))  # [T*B, ...], time-major
+        return time_mean(out, T)
+
+
+def convert(ann, signed=True):
+    """A spiking copy of the quantized UNet ``ann`` (bit < 32, no attention).
+
+    The copy sits on ``ann``'s device, in ``ann``'s train/eval mode; ``ann`` is left unchanged.
+    """
+    if isinstance(ann, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        ann = ann.module
+    if not isinstance(ann, UNet):
+        raise TypeError(f"convert expects a UNet, got {type(ann).__name__}")
+    if ann.config["attn"]:
+        raise ValueError("a UNet with attention cannot be converted: attention has no IF-neuron equivalent")
+    snn = SpikingUNet(signed=signed, **ann.config)
+    snn.load_state_dict(ann.state_dict())
+    device = next(ann.parameters()).device
+    return snn.to(device).train(ann.training)
