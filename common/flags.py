@@ -71,11 +71,12 @@ def model_flags():
 def resolve_model_flags(stored, path):
     """Merge a checkpoint's stored flags into FLAGS, refusing explicit contradictions.
 
-    Returns the stored dict. A flag given on the command line or in a flagfile that differs
+    Only architecture and diffusion flags are compared and adopted (training settings such as
+    ``total_steps`` may change between runs). Returns the stored dict. A flag given on the command line or in a flagfile that differs
     from the checkpoint raises ``UserError`` naming both values and the checkpoint ``path``.
     """
     for name, value in stored.items():
-        if name not in FLAGS:
+        if name not in MODEL_FLAG_NAMES or name not in FLAGS:
             continue
         given = FLAGS[name]
         if given.present and _plain(given.value) != value:

@@ -1,0 +1,37 @@
+"""Running the scripts as a user does, on tiny settings."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY_MODEL = ["--dataset=shapes", "--img_size=16", "--ch=32", "--ch_mult=1", "--num_res_blocks=1",
+              "--dropout=0.0", "--T=100", "--bit=2"]
+TINY_TRAIN = TINY_MODEL + ["--batch_size=4", "--num_workers=0", "--sample_step=0", "--log_step=1",
+                           "--warmup=10", "--ema_decay=0.9"]
+
+
+def run_script(script, *args, check=True, env=None):
+    """Run ``python script args`` from the repository root; returns the CompletedProcess."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def train_tiny(logdir, steps=3, *extra):
+    """A tiny 2-bit checkpoint at ``logdir/ckpt.pt`` trained for ``steps`` steps."""
+    return run_script("ANN_train.py", *TINY_TRAIN, f"--logdir={logdir}", f"--total_steps={steps}",
+                      f"--save_step={steps}", *extra)
+
+
+def assert_one_line_error(proc, *fragments):
+    """The process failed with a single ``error:`` line and no traceback."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

@@ -1,0 +1,82 @@
+"""Embedded shapes data and the torchvision CIFAR-10 path (with a folder the test makes)."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from common import data, runtime
+from common.errors import UserError
+
+
+def test_shapes_are_deterministic_and_varied():
+    a, b = data.draw_shape(7), data.draw_shape(7)
+    assert a.dtype == np.uint8 and a.shape == (32, 32, 3)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(data.draw_shape(7), data.draw_shape(8))
+    # every image has a shape on a background: at least two distinct colours
+    for i in range(12):
+        assert len(np.unique(data.draw_shape(i).reshape(-1, 3), axis=0)) >= 2
+
+
+def test_shapes_dataset_range_and_flip():
+    ds = data.load_dataset("shapes", None, img_size=32)
+    x, label = ds[3]
+    assert x.shape == (3, 32, 32) and -1 <= x.min() and x.max() <= 1
+    assert label == 3 % len(data.SHAPE_CLASSES)
+    unflipped = data.ShapesDataset(transform=data.train_transform(32, flip=False))[3][0]
+    torch.manual_seed(0)
+    views = {tuple(ds[3][0][0, 0, :4].tolist()) for _ in range(20)}
+    flipped = torch.flip(unflipped, dims=[2])
+    assert {tuple(unflipped[0, 0, :4].tolist()), tuple(flipped[0, 0, :4].tolist())} >= views
+
+
+def test_shapes_can_be_resized():
+    x, _ = data.load_dataset("shapes", None, img_size=16)[0]
+    assert x.shape == (3, 16, 16)
+
+
+def write_cifar_folder(root, n=10):
+    """A small CIFAR-10 folder in torchvision's layout: pickled dicts of uint8 rows."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8), "labels": list(range(n))}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(batch, f)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+    return folder
+
+
+def test_cifar10_folder_loads_through_torchvision(tmp_path):
+    write_cifar_folder(str(tmp_path))
+    ds = data.load_dataset("cifar10", str(tmp_path), img_size=32)
+    assert len(ds) == 50
+    x, y = ds[0]
+    assert x.shape == (3, 32, 32) and -1 <= x.min() and x.max() <= 1
+
+
+def test_missing_cifar10_is_one_clear_error(tmp_path, monkeypatch):
+    from torchvision import datasets
+
+    def offline(self):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(datasets.CIFAR10, "download", offline)
+    with pytest.raises(UserError) as err:
+        data.load_dataset("cifar10", str(tmp_path / "nowhere"), img_size=32)
+    msg = str(err.value)
+    assert "nowhere" in msg and "cifar-10-batches-py" in msg and "\n" not in msg
+
+
+def test_infinite_batches_cycle_and_check_sizes():
+    rt = runtime.Runtime(device=torch.device("cpu"))
+    ds = data.ShapesDataset(length=10, transform=data.train_transform(32))
+    batches = data.infinite_batches(ds, 4, rt)
+    shapes = [next(batches).shape for _ in range(5)]  # more batches than one epoch holds
+    assert all(s == (4, 3, 32, 32) for s in shapes)
+    with pytest.raises(UserError):
+        next(data.infinite_batches(ds, 16, rt))

@@ -1,0 +1,73 @@
+"""The UNet: pytorch-ddpm's topology with injected quantized activations."""
+import pytest
+import torch
+
+from model import UNet
+from quant import QuantReLU
+
+
+def tiny(bit=2, **kw):
+    cfg = dict(T=100, ch=32, ch_mult=[1, 2], attn=[], num_res_blocks=1, dropout=0.0, bit=bit)
+    cfg.update(kw)
+    return UNet(**cfg)
+
+
+def test_cifar10_baseline_has_pytorch_ddpm_size():
+    # pytorch-ddpm's CIFAR-10 model (attention at 16x16): 35.75 M trainable parameters
+    model = UNet(T=1000, ch=128, ch_mult=[1, 2, 2, 2], attn=[1], num_res_blocks=2, dropout=0.1)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == 35_746_307
+
+
+def test_quantized_model_has_one_quantizer_per_swish():
+    model = tiny()
+    n_res = len([m for m in model.modules() if type(m).__name__ == "ResBlock"])
+    quants = [m for m in model.modules() if isinstance(m, QuantReLU)]
+    # 3 per ResBlock (block1, temb_proj, block2), 1 in the time embedding, 1 in the tail
+    assert len(quants) == 3 * n_res + 2
+    assert all(q.bit == 2 and q.act_alpha.item() == 6.0 for q in quants)
+
+
+def test_forward_shape_and_quantized_state_dict_names():
+    model = tiny()
+    x = torch.randn(3, 3, 16, 16)
+    assert model(x, torch.tensor([0, 50, 99])).shape == x.shape
+    fp_keys = set(tiny(bit=32).state_dict())
+    q_keys = set(model.state_dict())
+    assert fp_keys < q_keys
+    assert all(k.endswith("act_alpha") for k in q_keys - fp_keys)
+
+
+def test_attention_only_for_full_precision():
+    with pytest.raises(ValueError, match="attention"):
+        tiny(bit=2, attn=[1])
+    assert any(type(m).__name__ == "AttnBlock" for m in tiny(bit=32, attn=[1]).modules())
+
+
+def test_blocks_cover_every_parameter_once_in_forward_order():
+    model = tiny(ch_mult=[1, 2, 2])
+    seen = []
+    for _, block in model.blocks():
+        seen += [id(p) for p in block.parameters()]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())
+    names = [n for n, _ in model.blocks()]
+    assert names[0] == "time_embedding" and names[1] == "head" and names[-1] == "tail"
+
+    order = []
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: order.append(n)) for n, m in model.blocks()]
+    model(torch.randn(1, 3, 16, 16), torch.tensor([3]))
+    for h in hooks:
+        h.remove()
+    assert order == names
+
+
+def test_weight_quantized_model_keeps_first_and_last_layers_full_precision():
+    model = tiny(wbit=4)
+    assert not hasattr(model.head, "weight_quant")
+    assert model.downblocks[0].block1[-1].weight_quant.wbit == 4
+    assert model(torch.randn(2, 3, 16, 16), torch.tensor([1, 2])).isfinite().all()
+
+
+def test_ch_must_fit_group_norm():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        tiny(ch=48)
