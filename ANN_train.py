@@ -153,7 +153,9 @@ def main(argv):
         if rt.is_main:
             print(f"resuming from {ckpt_path} at step {step}")
     if step >= FLAGS.total_steps:
-        print(f"{ckpt_path} is already at step {step} >= --total_steps={FLAGS.total_steps}; nothing to do")
+        if rt.is_main:
+            print(f"{ckpt_path} is already at step {step} >= --total_steps={FLAGS.total_steps}; nothing to do")
+        runtime.teardown(rt)
         return
     runtime.seed_everything(FLAGS.seed + 1000003 * step + rt.rank)
     trainer = runtime.wrap_model(
@@ -178,6 +180,16 @@ def report(done, loss, pbar, start, writer, net_model, ema_model, sched, x_T, rt
         sample_grid(ema_model, x_T, os.path.join(logdir, "sample", f"{done}.png"), rt)
 
 
+def check_finite(loss, model, step, ckpt_path):
+    """Stop before a NaN or inf reaches a checkpoint (the weights are checked when ``model`` is given)."""
+    bad = None if torch.isfinite(loss) else f"the loss became {loss.item()}"
+    if bad is None and model is not None and not all(torch.isfinite(p).all() for p in model.parameters()):
+        bad = "the weights became non-finite"
+    if bad:
+        raise UserError(f"{bad} at step {step}; training stopped and the last good checkpoint {ckpt_path} "
+                        "is kept (try a lower --lr or --grad_clip)")
+
+
 def train_loop(rt, step, trainer, net_model, ema_model, optim, sched, batches, x_T, writer, ckpt_path):
     logdir = os.path.dirname(ckpt_path)
     params = list(net_model.parameters())
@@ -187,9 +199,10 @@ def train_loop(rt, step, trainer, net_model, ema_model, optim, sched, batches, x
         for step in pbar:
             net_model.train()
             loss = train_step(trainer, params, optim, sched, next(batches))
-            update_ema(ema_model, net_model, FLAGS.ema_decay)
             done = step + 1
             save_now = done % FLAGS.save_step == 0 or done == FLAGS.total_steps
+            check_finite(loss, net_model if save_now else None, done, ckpt_path)
+            update_ema(ema_model, net_model, FLAGS.ema_decay)
             if rt.is_main:
                 report(done, loss, pbar, start, writer, net_model, ema_model, sched, x_T, rt, logdir)
                 if save_now:

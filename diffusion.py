@@ -143,6 +143,11 @@ class DDIMSampler(GaussianDiffusionSampler):
         self.eta = float(eta)
         self.register_buffer("timesteps", torch.linspace(0, T - 1, sample_steps).round().long())
 
+    def sigma(self, a_t, a_prev):
+        """Noise scale of a DDIM step from alpha-bar a_t to a_prev (eq. 16); eta = 1 gives the
+        posterior standard deviation of the ancestral sampler when every step is taken."""
+        return self.eta * torch.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+
     def _eps_and_x0(self, x_t, t):
         out = self.model(x_t, t)
         if self.mean_type == "epsilon":
@@ -163,7 +168,7 @@ class DDIMSampler(GaussianDiffusionSampler):
             a_t = extract(self.alphas_bar, t, x_t.shape)
             a_prev = extract(self.alphas_bar, t.new_full(t.shape, seq[i - 1]), x_t.shape) if i > 0 \
                 else torch.ones_like(a_t)
-            sigma = self.eta * torch.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+            sigma = self.sigma(a_t, a_prev)
             direction = torch.sqrt((1 - a_prev - sigma ** 2).clamp(min=0)) * eps
             x_t = torch.sqrt(a_prev) * x_0 + direction + sigma * torch.randn_like(x_t)
             yield x_t

@@ -1,7 +1,7 @@
 """User-facing errors: one clear line and a non-zero exit, never a traceback."""
 import sys
 
-from absl import app
+from absl import app, flags
 
 
 class UserError(Exception):
@@ -21,4 +21,14 @@ def run(main):
             print("interrupted; the last checkpoint written is intact", file=sys.stderr)
             sys.exit(130)
 
-    app.run(guarded)
+    app.run(guarded, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv):
+    """absl's flag parsing with a bad flag, value or flagfile reported as one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        message = str(err).replace("ERROR:: ", "")
+        print(f"error: {message} (--helpfull lists the flags)", file=sys.stderr)
+        sys.exit(2)

@@ -33,6 +33,10 @@ def define_model_flags():
     flags.DEFINE_enum("mean_type", "epsilon", ["xprev", "xstart", "epsilon"], help="predict variable")
     flags.DEFINE_enum("var_type", "fixedlarge", ["fixedlarge", "fixedsmall"], help="variance type")
     flags.DEFINE_integer("img_size", 32, help="image size")
+    flags.register_validator("bit", lambda b: 1 <= b <= 8 or b == 32, message="--bit must be in 1..8 or 32")
+    flags.register_validator("wbit", lambda b: 2 <= b <= 7 or b == 32, message="--wbit must be in 2..7 or 32")
+    flags.register_validator("ch", lambda c: c > 0 and c % 32 == 0,
+                             message="--ch must be a positive multiple of 32 (GroupNorm uses 32 groups)")
 
 
 def define_data_flags():

@@ -121,3 +121,13 @@ def test_ddim_refuses_bad_settings():
         DDIMSampler(None, B1, BT, T, sample_steps=0)
     with pytest.raises(ValueError):
         DDIMSampler(None, B1, BT, T, mean_type="xprev")
+
+
+def test_ddim_eta_one_over_all_steps_has_the_ancestral_posterior_variance():
+    s = DDIMSampler(None, B1, BT, T, 8, sample_steps=T, eta=1.0)
+    assert s.timesteps.tolist() == list(range(T))
+    a = s.alphas_bar
+    sigma2 = s.sigma(a[1:], a[:-1]) ** 2
+    assert torch.allclose(sigma2, s.posterior_var[1:], rtol=1e-10)
+    betas, ab = schedule()
+    assert np.allclose(sigma2.numpy(), betas[1:] * (1 - ab[:-1]) / (1 - ab[1:]), rtol=1e-10)

@@ -67,3 +67,25 @@ def test_user_errors_are_one_line(tmp_path):
     proc = run_script("ANN_train.py", *TINY_TRAIN, f"--init={tmp_path / 'none.pt'}",
                       f"--logdir={tmp_path / 'd'}", check=False)
     assert_one_line_error(proc, "none.pt")
+    # a truncated ckpt.pt on resume, an absent CIFAR-10 folder (offline)
+    (tmp_path / "a" / "ckpt.pt").write_bytes(b"PK\x03\x04 not a whole file")
+    proc = run_script("ANN_train.py", *TINY_TRAIN, f"--logdir={tmp_path / 'a'}", "--total_steps=2", check=False)
+    assert_one_line_error(proc, "ckpt.pt")
+    proc = run_script("ANN_train.py", *TINY_TRAIN, "--dataset=cifar10", f"--data_dir={tmp_path / 'nodata'}",
+                      f"--logdir={tmp_path / 'e'}", check=False,
+                      env={"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"})
+    assert_one_line_error(proc, "nodata", "cifar-10-batches-py")
+
+
+def test_non_finite_training_stops_before_saving(tmp_path):
+    # an infinite learning rate spoils the weights in the first update: no checkpoint may hold them
+    proc = run_script("ANN_train.py", *TINY_TRAIN, f"--logdir={tmp_path / 'inf'}", "--total_steps=20",
+                      "--save_step=1", "--lr=inf", "--warmup=0", check=False)
+    assert_one_line_error(proc, "became", "at step 1")
+    assert not (tmp_path / "inf" / "ckpt.pt").exists()
+
+
+def test_bad_flags_are_one_line():
+    for args, fragment in [(["--flagfile=missing.txt"], "missing.txt"), (["--no_such_flag=1"], "no_such_flag"),
+                           (["--bit=9"], "--bit"), (["--ch=48"], "--ch")]:
+        assert_one_line_error(run_script("ANN_train.py", *args, check=False), fragment)

@@ -1,0 +1,26 @@
+PYTHON ?= python
+DEMO_LOGDIR = ./logs/demo
+
+.PHONY: test demo bench clean-demo
+
+test:
+	$(PYTHON) -m pytest -q tests
+
+# The four stages on the embedded shapes dataset, offline, on a CPU.
+demo:
+	$(PYTHON) ANN_train.py --flagfile config/train_ANN/demo.txt
+	$(PYTHON) SNN_conversion.py --flagfile config/SNN_convert/demo.txt
+	$(PYTHON) SNN_ft.py --flagfile config/SNN_ft/demo.txt
+	$(PYTHON) evaluate.py --flagfile config/SNN_evaluate/demo.txt
+	@echo
+	@echo "demo results under $(DEMO_LOGDIR):"
+	@echo "  stage 1  ckpt.pt, sample/, tensorboard events     (tensorboard --logdir $(DEMO_LOGDIR))"
+	@echo "  stage 2  converted_snn.pt, conversion.json, images/"
+	@echo "  stage 3  SNN_2bit_ft/ (finetune.json, model_backpacks/, ft_blocks_samples/)"
+	@echo "  stage 4  snn_eval.txt, images/"
+
+bench:
+	$(PYTHON) bench/run.py
+
+clean-demo:
+	rm -rf $(DEMO_LOGDIR)
