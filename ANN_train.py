@@ -28,6 +28,7 @@ from quant import QuantReLU
 cflags.define_model_flags()
 cflags.define_data_flags()
 cflags.define_run_flags()
+cflags.define_sampler_flags()
 # Training
 flags.DEFINE_float("lr", 2e-4, help="target learning rate")
 flags.DEFINE_float("grad_clip", 1.0, help="gradient norm clipping")
@@ -114,7 +115,7 @@ def log_scalars(writer, step, loss, lr, model):
 def sample_grid(ema_model, x_T, path, rt):
     ema_model.eval()
     sampler = build_sampler(runtime.data_parallel(ema_model, FLAGS.parallel and not rt.distributed),
-                            cflags.model_flags()).to(rt.device)
+                            cflags.model_flags(), FLAGS.sampler, FLAGS.sample_steps, FLAGS.eta).to(rt.device)
     save_grid(sampler(x_T.to(rt.device)), path)
 
 

@@ -1,13 +1,21 @@
-PYTHON ?= python
+# A virtual environment from requirements.txt, made on first use. It sees the system's packages,
+# so a machine that already has torch installs nothing twice.
+VENV ?= .venv
+PYTHON = $(VENV)/bin/python
 DEMO_LOGDIR = ./logs/demo
 
 .PHONY: test demo bench clean-demo
 
-test:
+$(VENV)/.installed: requirements.txt
+	python3 -m venv --system-site-packages $(VENV)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+test: $(VENV)/.installed
 	$(PYTHON) -m pytest -q tests
 
 # The four stages on the embedded shapes dataset, offline, on a CPU.
-demo:
+demo: $(VENV)/.installed
 	$(PYTHON) ANN_train.py --flagfile config/train_ANN/demo.txt
 	$(PYTHON) SNN_conversion.py --flagfile config/SNN_convert/demo.txt
 	$(PYTHON) SNN_ft.py --flagfile config/SNN_ft/demo.txt
@@ -19,8 +27,8 @@ demo:
 	@echo "  stage 3  SNN_2bit_ft/ (finetune.json, model_backpacks/, ft_blocks_samples/)"
 	@echo "  stage 4  snn_eval.txt, images/"
 
-bench:
+bench: $(VENV)/.installed
 	$(PYTHON) bench/run.py
 
-clean-demo:
+clean-demo: $(VENV)/.installed
 	rm -rf $(DEMO_LOGDIR)

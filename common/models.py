@@ -9,7 +9,7 @@ def build_unet(cfg):
     try:
         return UNet(T=cfg["T"], ch=cfg["ch"], ch_mult=cfg["ch_mult"], attn=cfg["attn"],
                     num_res_blocks=cfg["num_res_blocks"], dropout=cfg["dropout"],
-                    bit=cfg["bit"], wbit=cfg.get("wbit", 32))
+                    bit=cfg["bit"], wbit=cfg.get("wbit", 32), alpha_init=cfg.get("alpha_init", 6.0))
     except ValueError as err:
         raise UserError(str(err)) from None
 
