@@ -12,7 +12,7 @@ from common.errors import UserError
 
 FLAGS = flags.FLAGS
 
-MODEL_FLAG_NAMES = ("ch", "ch_mult", "attn", "num_res_blocks", "dropout", "bit", "wbit",
+MODEL_FLAG_NAMES = ("ch", "ch_mult", "attn", "num_res_blocks", "dropout", "bit", "wbit", "alpha_init",
                     "T", "beta_1", "beta_T", "mean_type", "var_type", "img_size", "dataset")
 
 
@@ -25,6 +25,7 @@ def define_model_flags():
     flags.DEFINE_float("dropout", 0.1, help="dropout rate of the ResBlocks")
     # Quantization
     flags.DEFINE_integer("bit", 2, help="activation bits; the SNN runs T = 2**bit - 1 steps; 32 = full precision")
+    flags.DEFINE_float("alpha_init", 6.0, help="initial act_alpha (clipping threshold) of the quantized activations")
     flags.DEFINE_integer("wbit", 32, help="APoT weight bits (32 = full-precision weights, as in the seed)")
     # Gaussian diffusion
     flags.DEFINE_float("beta_1", 1e-4, help="start beta value")
@@ -59,7 +60,8 @@ def define_sampler_flags():
 
 
 def define_snn_flags():
-    flags.DEFINE_bool("sign", False, help="signed IF neurons (Fast-SNN); --nosign: plain unsigned IF neurons")
+    flags.DEFINE_bool("sign", True, help="signed IF neurons (Fast-SNN, measured better on the demo model); "
+                      "--nosign: plain unsigned IF neurons")
 
 
 def logdir():

@@ -1,0 +1,103 @@
+"""SNN_conversion.py end to end on a tiny checkpoint in the format ANN_train.py writes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from common.checkpoint import save_atomic
+from model import UNet
+from snn import SpikingUNet
+from snn.io import load_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = dict(ch=32, ch_mult=[1], attn=[], num_res_blocks=1, dropout=0.0, bit=2, wbit=32, T=100,
+             beta_1=1e-4, beta_T=0.02, mean_type="epsilon", var_type="fixedlarge", img_size=16,
+             dataset="shapes", lr=2e-4, total_steps=3, warmup=1, batch_size=4, ema_decay=0.9, seed=0)
+SMALL_RUN = ["--sampler=ddim", "--sample_steps=2", "--sample_size=4", "--error_size=8", "--batch_size=8",
+             "--num_workers=0"]
+
+
+def write_ckpt(logdir, **overrides):
+    """A ``ckpt.pt`` as ANN_train.py writes it, with a UNet of random weights."""
+    flags = {**FLAGS, **overrides}
+    torch.manual_seed(0)
+    model = UNet(T=flags["T"], ch=flags["ch"], ch_mult=flags["ch_mult"], attn=flags["attn"],
+                 num_res_blocks=flags["num_res_blocks"], dropout=flags["dropout"], bit=flags["bit"])
+    optim = torch.optim.Adam(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: 1.0)
+    save_atomic({"net_model": model.state_dict(), "ema_model": model.state_dict(), "optim": optim.state_dict(),
+                 "sched": sched.state_dict(), "step": 3, "x_T": torch.randn(4, 3, 16, 16), "flags": flags},
+                os.path.join(logdir, "ckpt.pt"))
+
+
+def convert_script(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "SNN_conversion.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_converts_samples_and_reports(tmp_path):
+    write_ckpt(tmp_path)
+    proc = convert_script(f"--logdir={tmp_path}", "--sign", *SMALL_RUN)
+    assert proc.returncode == 0, proc.stderr
+    model, kind, ckpt = load_model(str(tmp_path / "converted_snn.pt"))
+    assert kind == "snn" and isinstance(model, SpikingUNet)
+    assert ckpt["bit"] == 2 and ckpt["T"] == 3 and ckpt["signed"] is True and model.signed
+    ann_state = torch.load(tmp_path / "ckpt.pt", weights_only=False)["ema_model"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ann_state.items())
+    for name in ("ann.png", "snn.png", "ann_vs_snn.png"):
+        assert (tmp_path / "images" / name).stat().st_size > 0
+    report = json.loads((tmp_path / "conversion.json").read_text())
+    assert report["bit"] == 2 and report["T"] == 3 and report["signed"] is True
+    assert 0 <= report["noise_relative_error"] < float("inf")
+    assert [q["t_min"] for q in report["noise_relative_error_by_t"]][0] == 0
+    assert report["noise_relative_error_by_t"][-1]["t_max"] == FLAGS["T"] - 1
+    stats = report["spike_stats"]
+    assert stats["num_samples"] == 8 and stats["time_steps"] == 3
+    for key in ("energy_pJ_per_sample", "ann_energy_pJ_per_sample", "ac_per_sample", "mac_per_sample",
+                "firing_rate", "layers"):
+        assert key in stats
+    assert report["wall_s"] > 0
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+
+
+ERROR_CASES = {
+    "no ckpt.pt": ([], "no checkpoint at"),
+    "contradicting --bit": (["--bit=3"], "--bit=3 contradicts"),
+    "full-precision checkpoint": ([], "full-precision"),
+}
+
+
+@pytest.fixture(scope="module")
+def error_runs(tmp_path_factory):
+    """The error cases, run side by side (most of each run is the interpreter starting)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for case, (args, _) in ERROR_CASES.items():
+        logdir = tmp_path_factory.mktemp("logdir")
+        if case == "contradicting --bit":
+            write_ckpt(logdir)
+        elif case == "full-precision checkpoint":
+            write_ckpt(logdir, bit=32)
+        command = [sys.executable, os.path.join(ROOT, "SNN_conversion.py"), f"--logdir={logdir}", *args, *SMALL_RUN]
+        runs[case] = (logdir, subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                               stderr=subprocess.PIPE, text=True))
+    results = {}
+    for case, (logdir, proc) in runs.items():
+        stderr = proc.communicate(timeout=300)[1]
+        results[case] = (logdir, proc.returncode, stderr)
+    return results
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_user_errors_are_one_line(error_runs, case):
+    logdir, returncode, stderr = error_runs[case]
+    message = ERROR_CASES[case][1]
+    assert returncode != 0
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], stderr
+    assert not (logdir / "converted_snn.pt").exists()

@@ -1,0 +1,317 @@
+"""IF neurons, the ANN -> SNN conversion (DESIGN §3) and spike statistics / energy (DESIGN §8)."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn import init
+
+from common.data import load_dataset
+from diffusion import GaussianDiffusionTrainer
+from model import UNet
+from quant import QuantReLU, quantize_activation
+from snn import IFNeuron, SpikingUNet, convert, fold, if_spikes, swap_activations, time_mean, unfold
+from snn.stats import ENERGY_PER_AC_PJ, ENERGY_PER_MAC_PJ, SpikeMonitor
+
+SMALL = dict(T=100, ch=32, ch_mult=[1, 2], attn=[], num_res_blocks=1, dropout=0.0)
+
+
+def integer_level(x, alpha, levels):
+    """The quantizer's integer level floor(relu(x) / alpha * L + 1/2), clamped to [0, L]."""
+    return torch.floor(torch.relu(x) / alpha * levels + 0.5).clamp(0, levels)
+
+
+# -- the neuron -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("bit", [1, 2, 3, 4])
+def test_constant_input_reproduces_quant_relu(bit, signed):
+    """Over T = 2^bit - 1 steps of a constant input, the spike count is the quantizer's level."""
+    T = 2 ** bit - 1
+    gen = torch.Generator().manual_seed(bit)
+    for _ in range(5):
+        alpha = float(torch.empty(1).uniform_(0.2, 4.0, generator=gen))
+        x = torch.empty(2048, dtype=torch.float64).uniform_(-0.5 * alpha, 1.5 * alpha, generator=gen)
+        counts = if_spikes(x.expand(T, -1), alpha, signed).sum(0)
+        assert torch.equal(counts, integer_level(x, alpha, T))
+
+        neuron = IFNeuron(T, alpha, signed).double()
+        quant = QuantReLU(bit, init_alpha=alpha).double()
+        out = time_mean(neuron(x[None].expand(T, -1).reshape(T * 8, 256)), T).reshape(-1)
+        torch.testing.assert_close(out, quant(x), rtol=0, atol=1e-12 * alpha)
+
+
+@pytest.mark.parametrize("inputs, signed, expected", [
+    ([0.9, -0.9, 0.0], True, [1, -1, 0]),     # fired, then the membrane drops below 0: -1
+    ([0.9, -0.9, 0.0], False, [1, 0, 0]),     # the plain neuron keeps its negative membrane
+    ([-0.9, 0.9, 0.9], True, [0, 0, 1]),      # no -1 before the first spike
+    ([1.0, 1.0, -2.0], True, [1, 1, -1]),     # at most one -1 per step
+    ([0.3, 0.3, 0.3], False, [0, 1, 0]),      # v: 0.8, 1.1 -> fire -> 0.1, 0.4
+    ([0.3, 0.3, 0.3], True, [0, 1, 0]),
+])
+def test_pinned_spike_trains(inputs, signed, expected):
+    """Hand-computed spike trains of a neuron with theta = 1 (membrane starts at 0.5)."""
+    x = torch.tensor(inputs, dtype=torch.float64)[:, None]
+    assert if_spikes(x, 1.0, signed)[:, 0].tolist() == expected
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_module_equals_function_on_time_varying_input(signed):
+    T, alpha = 7, 0.8
+    x = torch.randn(T, 4, 5, 3, generator=torch.Generator().manual_seed(0))
+    out = IFNeuron(T, alpha, signed)(fold(x))
+    expected = fold(if_spikes(x, alpha, signed)) * alpha
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    allowed = torch.tensor([-alpha, 0.0, alpha] if signed else [0.0, alpha])
+    assert torch.isclose(out[..., None], allowed).any(-1).all()
+    assert (out < 0).any() == signed  # this input drives some signed neurons below zero
+    net_count = torch.cumsum(unfold(out, T), 0)
+    assert (net_count >= -1e-6).all(), "the net spike count of a neuron never goes negative"
+    if not signed:
+        assert (out >= 0).all()
+
+
+def test_neuron_threshold_gets_a_gradient():
+    neuron = IFNeuron(3, 1.0)
+    neuron(torch.full((6, 2), 0.7)).sum().backward()
+    assert neuron.act_alpha.grad is not None and neuron.act_alpha.grad != 0
+
+
+# -- conversion by module swap ----------------------------------------------------------------
+
+class TinyNet(nn.Module):
+    def __init__(self, bit):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 16)
+        self.act = QuantReLU(bit, init_alpha=1.3)
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SpikingTiny(nn.Module):
+    """``TinyNet`` with IF neurons: the input repeated over T, the output averaged, as SpikingUNet does."""
+
+    def __init__(self, ann, T, signed):
+        super().__init__()
+        self.T = T
+        self.net = swap_activations(copy.deepcopy(ann), lambda q: IFNeuron(T, q.act_alpha.item(), signed))
+
+    def forward(self, x):
+        return time_mean(self.net(x.repeat(self.T, 1)), self.T)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("bit", [1, 2, 3, 4])
+def test_linear_quant_linear_converts_exactly(bit, signed):
+    torch.manual_seed(bit)
+    ann = TinyNet(bit)
+    snn = SpikingTiny(ann, 2 ** bit - 1, signed)
+    assert isinstance(snn.net.act, IFNeuron) and isinstance(ann.act, QuantReLU)
+    assert list(snn.net.state_dict()) == list(ann.state_dict())
+    x = torch.randn(64, 6) * 2
+    torch.testing.assert_close(snn(x), ann(x), rtol=1e-5, atol=1e-5)
+
+
+def small_unet(bit=2, wbit=32, seed=0):
+    """A small quantized UNet whose output depends on its input (no near-zero last layers),
+    with thresholds calibrated to the 99th percentile of each activation's input."""
+    torch.manual_seed(seed)
+    ann = UNet(bit=bit, wbit=wbit, **SMALL)
+    for module in ann.modules():
+        if isinstance(module, nn.Conv2d) and module.weight.abs().max() < 1e-3:
+            init.xavier_uniform_(module.weight)
+    calibrate(ann, torch.randn(8, 3, 16, 16), torch.randint(100, (8,)))
+    return ann.eval()
+
+
+@torch.no_grad()
+def calibrate(ann, x, t):
+    def set_alpha(module, args):
+        module.act_alpha.fill_(max(float(torch.quantile(args[0].flatten().float(), 0.99)), 1e-2))
+
+    handles = [m.register_forward_pre_hook(set_alpha) for m in ann.modules() if isinstance(m, QuantReLU)]
+    ann(x, t)  # in forward order, so every layer is calibrated on calibrated inputs
+    for handle in handles:
+        handle.remove()
+
+
+def relative_error(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("bit", [1, 2, 3])
+def test_convert_unet_shape_state_and_time_steps(bit):
+    ann = small_unet(bit)
+    snn = convert(ann, signed=True)
+    assert isinstance(snn, SpikingUNet) and snn.time_steps == 2 ** bit - 1 and snn.signed
+    assert sum(isinstance(m, IFNeuron) for m in snn.modules()) == \
+        sum(isinstance(m, QuantReLU) for m in ann.modules())
+    assert not any(isinstance(m, QuantReLU) for m in snn.modules())
+    state, ann_state = snn.state_dict(), ann.state_dict()
+    assert list(state) == list(ann_state)
+    assert all(torch.equal(state[k], ann_state[k]) for k in state)
+    assert not snn.training and isinstance(ann.time_embedding.timembedding[2], QuantReLU)  # ann untouched
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 90])
+    with torch.no_grad():
+        assert snn(x, t).shape == ann(x, t).shape == x.shape
+
+
+def test_time_embedding_is_exact():
+    """The time embedding's neuron sees a constant input, so the SNN's embedding is the ANN's."""
+    ann = small_unet()
+    snn = convert(ann, signed=False)
+    t = torch.arange(0, 100, 7)
+    with torch.no_grad():
+        spiking = time_mean(snn.time_embedding(t.repeat(snn.time_steps)), snn.time_steps)
+        torch.testing.assert_close(spiking, ann.time_embedding(t), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small 2-bit UNet trained for a few dozen steps on the shapes data, and noisy inputs
+    (x_t, t) with t spread over the diffusion range."""
+    torch.manual_seed(0)
+    ann = UNet(bit=2, **SMALL)
+    trainer = GaussianDiffusionTrainer(ann, 1e-4, 0.02, SMALL["T"])
+    dataset = load_dataset("shapes", None, 16)
+    x_0 = torch.stack([dataset[i][0] for i in range(48)])
+    optim = torch.optim.Adam(ann.parameters(), lr=2e-3)
+    for _ in range(40):
+        loss = trainer(x_0[torch.randint(32, (16,))]).mean()
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    t = torch.linspace(0, SMALL["T"] - 1, 16).long()
+    x_t = trainer.q_sample(x_0[32:], t, torch.randn(16, 3, 16, 16))
+    return ann.eval(), x_t, t
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_learned_thresholds_beat_uncalibrated(trained, signed):
+    """The SNN with the ANN's learned thresholds predicts the noise closer to the ANN than one
+    whose thresholds ignore them (all 1)."""
+    ann, x_t, t = trained
+    uncalibrated = copy.deepcopy(ann)
+    for module in uncalibrated.modules():
+        if isinstance(module, QuantReLU):
+            module.act_alpha.data.fill_(1.0)
+    with torch.no_grad():
+        reference = ann(x_t, t)
+        err = relative_error(convert(ann, signed)(x_t, t), reference)
+        err_uncalibrated = relative_error(convert(uncalibrated, signed)(x_t, t), reference)
+    assert 0 < err < err_uncalibrated, (err, err_uncalibrated)
+    assert err < 0.6
+
+
+def test_apot_weights_convert_with_the_same_weights():
+    ann = small_unet(wbit=4)
+    snn = convert(ann, signed=True)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0, 50])
+    layer = ann.downblocks[0].block1[2]
+    with torch.no_grad():
+        assert torch.equal(snn.downblocks[0].block1[2].weight_quant(layer.weight), layer.weight_quant(layer.weight))
+        assert torch.isfinite(snn(x, t)).all()
+
+
+def test_convert_refuses_what_has_no_spiking_equivalent():
+    with pytest.raises(ValueError, match="attention"):
+        convert(UNet(T=10, ch=32, ch_mult=[1], attn=[0], num_res_blocks=1, dropout=0.0, bit=32))
+    with pytest.raises(ValueError, match="full-precision"):
+        convert(UNet(T=10, ch=32, ch_mult=[1], attn=[], num_res_blocks=1, dropout=0.0, bit=32))
+    with pytest.raises(TypeError, match="UNet"):
+        convert(TinyNet(2))
+
+
+def test_convert_unwraps_data_parallel():
+    ann = small_unet()
+    snn = convert(nn.DataParallel(ann))
+    assert isinstance(snn, SpikingUNet)
+
+
+# -- spike statistics and energy --------------------------------------------------------------
+
+def independent_counts(snn, x, t):
+    """Spikes entering each linear/conv, captured with hooks of this test's own."""
+    entering = {}
+
+    def hook(module, args, out):
+        entering[module] = entering.get(module, 0) + int(torch.count_nonzero(args[0]))
+
+    handles = [m.register_forward_hook(hook) for m in snn.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    with torch.no_grad():
+        snn(x, t)
+    for handle in handles:
+        handle.remove()
+    return entering
+
+
+def test_monitor_counts_and_energy():
+    ann = small_unet()
+    snn = convert(ann, signed=True)
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([5, 50, 95])
+    monitor = SpikeMonitor(snn)
+    with monitor:
+        with torch.no_grad():
+            snn(x[:2], t[:2])
+            snn(x[2:], t[2:])
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in snn.modules())
+    s = json.loads(json.dumps(monitor.summary()))
+    assert s["num_samples"] == 3 and s["num_forwards"] == 2 and s["time_steps"] == 3
+    rows = {row["name"]: row for row in s["layers"]}
+    ch, hw = SMALL["ch"], 16 * 16
+    # analog inputs cost MACs; the head's input is the same at every step, so it runs once
+    assert rows["head"]["input"] == "analog"
+    assert rows["head"]["mac_per_sample"] == rows["head"]["ann_mac_per_sample"] == 3 * 9 * ch * hw
+    assert rows["time_embedding.timembedding.1"]["input"] == "analog"
+    assert rows["downblocks.2.shortcut"]["input"] == "analog"   # the ResBlock's analog input
+    assert rows["downblocks.2.shortcut"]["mac_per_sample"] == 3 * rows["downblocks.2.shortcut"]["ann_mac_per_sample"]
+    # a linear fed by a neuron: one accumulate per spike per output
+    entering = independent_counts(snn, x, t)
+    temb = snn.downblocks[0].temb_proj[1]
+    assert rows["downblocks.0.temb_proj.1"]["input"] == "spikes"
+    assert rows["downblocks.0.temb_proj.1"]["ac_per_sample"] == pytest.approx(entering[temb] * temb.out_features / 3)
+    conv = snn.downblocks[0].block1[2]
+    assert rows["downblocks.0.block1.2"]["ac_per_sample"] == pytest.approx(entering[conv] * conv.out_channels * 9 / 3)
+    # totals and energies
+    assert s["ac_per_sample"] == pytest.approx(sum(r.get("ac_per_sample", 0) for r in s["layers"]))
+    assert s["energy_pJ_per_sample"] == pytest.approx(ENERGY_PER_AC_PJ * s["ac_per_sample"]
+                                                      + ENERGY_PER_MAC_PJ * s["mac_per_sample"])
+    neurons = [r for r in s["layers"] if r["type"] == "neuron"]
+    assert len(neurons) == sum(isinstance(m, IFNeuron) for m in snn.modules())
+    for r in neurons:
+        assert r["firing_rate"] == pytest.approx(r["positive_rate"] + r["negative_rate"])
+        assert 0 <= r["negative_rate"] <= r["positive_rate"] <= 1
+    assert 0 < s["firing_rate"] < 1
+
+
+def test_monitor_of_the_ann_counts_the_same_macs():
+    """A quantized UNet costs only MACs, and as many as the SNN's equivalent-ANN count."""
+    ann = small_unet()
+    snn = convert(ann, signed=False)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 60])
+    wrapped = nn.DataParallel(ann)
+    ann_monitor, snn_monitor = SpikeMonitor(wrapped), SpikeMonitor(snn)
+    with torch.no_grad(), ann_monitor, snn_monitor:
+        wrapped(x, t)
+        snn(x, t)
+    a, s = ann_monitor.summary(), snn_monitor.summary()
+    assert a["ac_per_sample"] == 0 and a["firing_rate"] == 0 and a["num_samples"] == 2
+    assert a["mac_per_sample"] == a["ann_mac_per_sample"] == pytest.approx(s["ann_mac_per_sample"])
+    assert a["energy_pJ_per_sample"] == pytest.approx(ENERGY_PER_MAC_PJ * a["mac_per_sample"])
+    assert s["ann_energy_pJ_per_sample"] == pytest.approx(a["energy_pJ_per_sample"])
+
+
+def test_silent_network_costs_no_accumulates():
+    ann = small_unet()
+    for module in ann.modules():
+        if isinstance(module, QuantReLU):
+            module.act_alpha.data.fill_(1e6)
+    snn = convert(ann)
+    monitor = SpikeMonitor(snn)
+    with monitor, torch.no_grad():
+        snn(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]))
+    s = monitor.summary()
+    assert s["firing_rate"] == 0 and s["ac_per_sample"] == 0 and s["mac_per_sample"] > 0
