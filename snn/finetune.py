@@ -1,0 +1,294 @@
+"""Block-wise fine-tuning of a converted spiking UNet against its quantized ANN (DESIGN §4).
+
+Fast-SNN's layer-wise tuning, adapted to the UNet's blocks (``UNet.blocks()``, forward order).
+For block k, with the blocks before it already tuned, every step
+
+1. draws a training batch: x_0 from the data, t ~ U{0, ..., T_diffusion - 1}, noise,
+   x_t = q_sample(x_0, t, noise);
+2. captures the quantized ANN's output of block k for (x_t, t) with a forward hook (the target);
+3. captures the SNN's spike-train input of block k (time-major, ``[T*B, ...]``, with the time
+   embedding and the concatenated skip tensor it receives) with a forward pre-hook, stopping the
+   forward there;
+4. runs SNN block k on that input and takes its time mean; the gradient comes from the ANN
+   version of block k -- the same parameters with quantized ReLUs -- evaluated on the time-mean
+   input (straight-through: value of the SNN, gradient of the ANN); MSE against the target.
+
+Thresholds (``act_alpha``) stay frozen. After the steps, the block keeps its new weights only if
+a fixed held-out batch says the whole SNN got closer to the ANN; otherwise they are reverted.
+"""
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from snn.neuron import IFNeuron, time_mean, unfold
+
+
+class _Captured(Exception):
+    """Raised by a capture hook to stop the forward pass once the block's tensors are taken."""
+
+
+def _run_until_captured(model, module, x, t, register):
+    store = {}
+    handle = register(module, store)
+    try:
+        model(x, t)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if not store:
+        raise RuntimeError("the block was not reached by the model's forward pass")
+    return store
+
+
+def block_inputs(model, block, x, t):
+    """The positional and keyword inputs ``block`` receives when ``model(x, t)`` runs.
+
+    For a ``SpikingUNet`` these are time-major folded tensors ``[T*B, ...]`` (e.g. a ResBlock's
+    ``(h, temb)``, an up ResBlock's ``h`` already concatenated with its skip tensor). The forward
+    stops at the block: nothing after it is computed. Returns ``(args, kwargs)``.
+    """
+    def register(module, store):
+        def hook(_, args, kwargs):
+            store["inputs"] = (args, kwargs)
+            raise _Captured
+        return module.register_forward_pre_hook(hook, with_kwargs=True)
+    return _run_until_captured(model, block, x, t, register)["inputs"]
+
+
+def block_output(model, block, x, t):
+    """The output of ``block`` when ``model(x, t)`` runs; the forward stops right after it."""
+    def register(module, store):
+        def hook(_, args, output):
+            store["output"] = output
+            raise _Captured
+        return module.register_forward_hook(hook)
+    return _run_until_captured(model, block, x, t, register)["output"]
+
+
+def mean_over_time(value, T):
+    """Rate decoding of one block input: ``[T*B, ...]`` -> ``[B, ...]``.
+
+    Integer inputs (the diffusion step fed to the time embedding) are the same at every time
+    step and are returned for the first one.
+    """
+    if not torch.is_tensor(value):
+        return value
+    if value.is_floating_point():
+        return time_mean(value, T)
+    return unfold(value, T)[0]
+
+
+def straight_through_output(snn_block, ann_block, args, kwargs, T):
+    """Block output ``[B, ...]`` with the SNN's value and the ANN's gradient.
+
+    ``snn_block`` simulates the spike-train input ``args`` ``[T*B, ...]``; ``ann_block`` (same
+    parameter names, quantized ReLUs) is evaluated *with the SNN block's parameters* on the
+    time-mean input, so gradients land on the SNN's weights:
+    ``ann_out + (snn_out - ann_out).detach()``.
+    """
+    with torch.no_grad():
+        snn_out = time_mean(snn_block(*args, **kwargs), T)
+    mean_args = tuple(mean_over_time(a, T) for a in args)
+    mean_kwargs = {k: mean_over_time(v, T) for k, v in kwargs.items()}
+    tensors = {**dict(snn_block.named_parameters()), **dict(snn_block.named_buffers())}
+    ann_out = functional_call(ann_block, tensors, mean_args, mean_kwargs)
+    return ann_out + (snn_out - ann_out).detach()
+
+
+@dataclass
+class BlockPair:
+    """Block k of the SNN being tuned and of the frozen quantized ANN (its target)."""
+    index: int
+    name: str
+    snn_block: torch.nn.Module
+    ann_block: torch.nn.Module
+
+
+def block_pairs(snn, ann):
+    """``[BlockPair]`` in forward order; the two models must have the same block structure."""
+    snn_blocks, ann_blocks = snn.blocks(), ann.blocks()
+    assert [n for n, _ in snn_blocks] == [n for n, _ in ann_blocks], "the SNN and the ANN differ in blocks"
+    return [BlockPair(i, name, s, a) for i, ((name, s), (_, a)) in enumerate(zip(snn_blocks, ann_blocks))]
+
+
+def block_loss(snn, ann, pair, x_t, t):
+    """MSE between the straight-through SNN block output and the ANN block output for (x_t, t).
+
+    ``x_t`` [B, 3, H, W], ``t`` [B]. Returns a scalar with a graph to the SNN block's parameters.
+    """
+    with torch.no_grad():
+        target = block_output(ann, pair.ann_block, x_t, t)
+        args, kwargs = block_inputs(snn, pair.snn_block, x_t, t)
+    out = straight_through_output(pair.snn_block, pair.ann_block, args, kwargs, snn.time_steps)
+    return F.mse_loss(out, target)
+
+
+def freeze_thresholds(model):
+    """``act_alpha`` of every IF neuron stops taking gradients (DESIGN §4: thresholds stay fixed)."""
+    for module in model.modules():
+        if isinstance(module, IFNeuron):
+            module.act_alpha.requires_grad_(False)
+    return model
+
+
+def trainable_parameters(block):
+    """The parameters of ``block`` that fine-tuning updates (not thresholds, not frozen tables)."""
+    return [p for p in block.parameters() if p.requires_grad]
+
+
+def draw_batch(x_0, q_sample, T_diffusion, generator=None):
+    """The training distribution for x_0 [B, 3, H, W]: returns (x_t [B, 3, H, W], t [B]).
+
+    t ~ U{0, ..., T_diffusion - 1}, noise ~ N(0, I), x_t = q_sample(x_0, t, noise) (DDPM eq. 4).
+    ``generator`` (on x_0's device) makes the draws reproducible.
+    """
+    t = torch.randint(T_diffusion, size=(x_0.shape[0],), device=x_0.device, generator=generator)
+    noise = torch.randn(x_0.shape, device=x_0.device, dtype=x_0.dtype, generator=generator)
+    return q_sample(x_0, t, noise), t
+
+
+def validation_batch(dataset, size, q_sample, T_diffusion, seed, device="cpu"):
+    """A fixed held-out batch: (x_t [size, 3, H, W], t [size]) on ``device``, the same for a given seed.
+
+    x_0 are ``size`` images of ``dataset`` chosen by ``seed``, t is spread evenly over
+    0..T_diffusion-1 and the noise comes from ``seed`` too.
+    """
+    if size > len(dataset):
+        raise ValueError(f"a validation batch of {size} needs at least as many images, the data has {len(dataset)}")
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(dataset), generator=generator)[:size].tolist()
+    x_0 = torch.stack([dataset[i][0] for i in index])
+    t = torch.linspace(0, T_diffusion - 1, size).round().long()
+    noise = torch.randn(x_0.shape, generator=generator)
+    x_0, t, noise = x_0.to(device), t.to(device), noise.to(device)
+    return q_sample(x_0, t, noise), t
+
+
+def average_gradients(params, world_size):
+    """All-reduce (mean) every gradient over the process group; a no-op in a single process."""
+    if world_size <= 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world_size)
+
+
+def tune_step(snn, ann, pair, x_t, t, optim, params, grad_clip, world_size=1):
+    """One Adam step of ``pair``'s SNN block on the batch (x_t [B, 3, H, W], t [B]); returns the loss."""
+    optim.zero_grad(set_to_none=True)
+    loss = block_loss(snn, ann, pair, x_t, t)
+    loss.backward()
+    average_gradients(params, world_size)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optim.step()
+    return loss.detach()
+
+
+def snapshot(block):
+    """A detached copy of ``block``'s state to revert to."""
+    return {k: v.detach().clone() for k, v in block.state_dict().items()}
+
+
+def revert(block, state):
+    """Put ``snapshot(block)``'s values back, bit for bit."""
+    block.load_state_dict(state)
+
+
+@torch.no_grad()
+def relative_error(model, ann_out, x_t, t, chunk=64):
+    """||model(x_t, t) - ann_out|| / ||ann_out|| over the whole batch (Frobenius norms).
+
+    ``x_t`` [N, 3, H, W], ``t`` [N], ``ann_out`` [N, 3, H, W] (the ANN's noise prediction).
+    """
+    diff, ref = 0.0, 0.0
+    for i in range(0, x_t.shape[0], chunk):
+        out = model(x_t[i:i + chunk], t[i:i + chunk]).double()
+        target = ann_out[i:i + chunk].double()
+        diff += (out - target).pow(2).sum().item()
+        ref += target.pow(2).sum().item()
+    return (diff / ref) ** 0.5
+
+
+@dataclass
+class BlockRecord:
+    """What fine-tuning block ``name`` did (one entry of ``finetune.json``)."""
+    index: int
+    name: str
+    loss_start: float   # block MSE on the fixed held-out batch before tuning
+    loss_end: float     # ... after tuning (before the keep/revert decision)
+    val_before: float   # whole-SNN relative L2 error vs the ANN before tuning the block
+    val_after: float    # ... with the tuned block
+    kept: bool          # val_after < val_before: the tuned weights stay; otherwise reverted
+    steps: int
+    wall_s: float
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def tune_block(snn, ann, pair, batches, validate, val_before, probe, lr, steps, grad_clip,
+               world_size=1, on_step=None):
+    """Fine-tune one block, then keep it if ``validate()`` fell below ``val_before``, else revert.
+
+    ``batches`` yields (x_t [B, 3, H, W], t [B]); ``probe`` is a fixed (x_t, t) batch for the
+    block loss before/after; ``validate()`` returns the whole SNN's relative error to the ANN (the
+    same number on every rank). ``on_step(step, loss)`` is called after every step. Returns a
+    ``BlockRecord``; the SNN holds the kept (or restored) weights.
+    """
+    start = time.time()
+    params = trainable_parameters(pair.snn_block)
+    saved = snapshot(pair.snn_block)
+    loss_start = probe_loss(snn, ann, pair, probe)
+    if params and steps > 0:
+        optim = torch.optim.Adam(params, lr=lr)
+        for step in range(steps):
+            x_t, t = next(batches)
+            loss = tune_step(snn, ann, pair, x_t, t, optim, params, grad_clip, world_size)
+            if on_step is not None:
+                on_step(step, loss)
+    loss_end = probe_loss(snn, ann, pair, probe)
+    val_after = validate()
+    kept = val_after < val_before
+    if not kept:
+        revert(pair.snn_block, saved)
+    return BlockRecord(pair.index, pair.name, loss_start, loss_end, val_before, val_after, kept, steps,
+                       round(time.time() - start, 2))
+
+
+def probe_loss(snn, ann, pair, probe):
+    with torch.no_grad():
+        return block_loss(snn, ann, pair, *probe).item()
+
+
+def finetune(snn, ann, batches_for, validate, probe, lr, steps, grad_clip, start_block=0,
+             val_error=None, world_size=1, on_block=None, on_step=None):
+    """Tune every block from ``start_block`` on, in forward order; returns the ``BlockRecord``s.
+
+    ``batches_for(index)`` gives block ``index``'s stream of (x_t, t) batches; ``val_error`` is
+    the current validation error (computed when None). ``on_block(record, val_error)`` runs after
+    each block (checkpoints, samples, logs), ``on_step(pair, step, loss)`` after each step.
+    """
+    snn.eval()
+    ann.eval()
+    freeze_thresholds(snn)
+    ann.requires_grad_(False)
+    if val_error is None:
+        val_error = validate()
+    records = []
+    for pair in block_pairs(snn, ann)[start_block:]:
+        step_hook = (lambda step, loss, pair=pair: on_step(pair, step, loss)) if on_step else None
+        record = tune_block(snn, ann, pair, batches_for(pair.index), validate, val_error, probe, lr, steps,
+                            grad_clip, world_size, step_hook)
+        if record.kept:
+            val_error = record.val_after
+        records.append(record)
+        if on_block is not None:
+            on_block(record, val_error)
+    return records

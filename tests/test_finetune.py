@@ -1,0 +1,298 @@
+"""Block-wise fine-tuning (snn/finetune.py, SNN_ft.py)."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from diffusion import GaussianDiffusionTrainer
+from model import UNet
+from model.unet import ResBlock
+from quant import QuantReLU
+from snn import finetune as ft
+from snn.convert import convert
+from snn.neuron import time_mean
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+T_DIFF = 100
+
+
+def tiny_pair(seed=0, signed=False):
+    """A tiny 2-bit UNet with weights large enough that the SNN differs from the ANN, and its SNN."""
+    torch.manual_seed(seed)
+    ann = UNet(T=T_DIFF, ch=32, ch_mult=[1], attn=[], num_res_blocks=1, dropout=0.0, bit=2).eval()
+    with torch.no_grad():
+        for m in ann.modules():
+            if isinstance(m, QuantReLU):
+                m.act_alpha.fill_(1.0)
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+                m.bias.normal_(0, 0.1)
+    return ann, convert(ann, signed=signed).eval()
+
+
+def noisy_batch(n=8, size=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g), torch.randint(T_DIFF, (n,), generator=g)
+
+
+def manual_trace(model, x, t):
+    """Inputs and outputs of every block by an explicit forward written out here: {name: (args, out)}."""
+    trace = {}
+
+    def call(name, module, *args):
+        out = module(*args)
+        trace[name] = (args, out)
+        return out
+
+    temb = call("time_embedding", model.time_embedding, t)
+    h = call("head", model.head, x)
+    hs = [h]
+    for i, layer in enumerate(model.downblocks):
+        h = call(f"downblocks.{i}", layer, h, temb)
+        hs.append(h)
+    for i, layer in enumerate(model.middleblocks):
+        h = call(f"middleblocks.{i}", layer, h, temb)
+    for i, layer in enumerate(model.upblocks):
+        if isinstance(layer, ResBlock):
+            h = torch.cat([h, hs.pop()], dim=1)
+        h = call(f"upblocks.{i}", layer, h, temb)
+    call("tail", model.tail, h)
+    return trace
+
+
+@torch.no_grad()
+def test_hook_capture_equals_explicit_forward():
+    ann, snn = tiny_pair()
+    x, t = noisy_batch()
+    T = snn.time_steps
+    ann_trace = manual_trace(ann, x, t)
+    snn_trace = manual_trace(snn, x.repeat(T, 1, 1, 1), t.repeat(T))
+    assert torch.equal(ann_trace["tail"][1], ann(x, t))
+    for pair in ft.block_pairs(snn, ann):
+        args, kwargs = ft.block_inputs(snn, pair.snn_block, x, t)
+        expected = snn_trace[pair.name][0]
+        assert kwargs == {} and len(args) == len(expected), pair.name
+        for got, want in zip(args, expected):
+            assert got.shape[0] == T * x.shape[0] and torch.equal(got, want), pair.name
+        assert torch.equal(ft.block_output(ann, pair.ann_block, x, t), ann_trace[pair.name][1]), pair.name
+
+
+@torch.no_grad()
+def test_capture_stops_the_forward_at_the_block():
+    ann, snn = tiny_pair()
+    ran = []
+    snn.tail.register_forward_pre_hook(lambda *_: ran.append("tail"))
+    ft.block_inputs(snn, snn.upblocks[0], *noisy_batch())
+    ft.block_output(snn, snn.upblocks[0], *noisy_batch())
+    assert ran == []
+
+
+def test_straight_through_has_snn_value_and_ann_gradient():
+    ann, snn = tiny_pair()
+    ft.freeze_thresholds(snn)
+    pair = ft.block_pairs(snn, ann)[4]  # middleblocks.1: neurons fed by a time-varying input
+    assert pair.name == "middleblocks.1"
+    T = snn.time_steps
+    x, t = noisy_batch()
+    with torch.no_grad():
+        args, _ = ft.block_inputs(snn, pair.snn_block, x, t)
+        snn_value = time_mean(pair.snn_block(*args), T)
+    out = ft.straight_through_output(pair.snn_block, pair.ann_block, args, {}, T)
+    torch.testing.assert_close(out, snn_value, rtol=0, atol=1e-6)
+    weight = torch.randn_like(out)
+    (out * weight).sum().backward()
+
+    twin = copy.deepcopy(pair.ann_block)  # the ANN block with the SNN block's weights
+    twin.load_state_dict(pair.snn_block.state_dict())
+    mean_args = [time_mean(a, T) for a in args]
+    ann_value = twin(*mean_args)
+    assert (ann_value - snn_value).abs().max() > 1e-3, "the sequential error should be visible here"
+    (ann_value * weight).sum().backward()
+    twin_params = dict(twin.named_parameters())
+    for name, p in pair.snn_block.named_parameters():
+        if name.endswith("act_alpha"):
+            assert p.grad is None
+        else:
+            torch.testing.assert_close(p.grad, twin_params[name].grad)
+
+
+def test_tune_steps_move_the_block_towards_the_target():
+    ann, snn = tiny_pair()
+    ft.freeze_thresholds(snn)
+    ann.requires_grad_(False)
+    pair = ft.block_pairs(snn, ann)[5]  # upblocks.0
+    x, t = noisy_batch(n=16)
+    before = ft.block_loss(snn, ann, pair, x, t).item()
+    params = ft.trainable_parameters(pair.snn_block)
+    optim = torch.optim.Adam(params, lr=1e-3)
+    for _ in range(15):
+        ft.tune_step(snn, ann, pair, x, t, optim, params, grad_clip=1.0)
+    after = ft.block_loss(snn, ann, pair, x, t).item()
+    assert before > 1e-3 and after < 0.9 * before
+
+
+def batches_for_tiny(q_sample, n=16, size=8):
+    def batches_for(index):
+        g = torch.Generator().manual_seed(100 + index)
+        while True:
+            x_0 = torch.rand(n, 3, size, size, generator=g) * 2 - 1
+            yield ft.draw_batch(x_0, q_sample, T_DIFF, g)
+    return batches_for
+
+
+def test_revert_restores_bit_identical_weights_and_keep_keeps():
+    ann, snn = tiny_pair()
+    ft.freeze_thresholds(snn)
+    ann.requires_grad_(False)
+    q_sample = GaussianDiffusionTrainer(ann, 1e-4, 0.02, T_DIFF).q_sample
+    pair = ft.block_pairs(snn, ann)[5]
+    original = ft.snapshot(pair.snn_block)
+    probe = noisy_batch()
+    worse = ft.tune_block(snn, ann, pair, batches_for_tiny(q_sample)(0), lambda: 2.0, 1.0, probe, 1e-3, 5, 1.0)
+    assert not worse.kept and worse.val_after == 2.0
+    for key, value in pair.snn_block.state_dict().items():
+        assert torch.equal(value, original[key]), key
+    better = ft.tune_block(snn, ann, pair, batches_for_tiny(q_sample)(0), lambda: 0.5, 1.0, probe, 1e-3, 5, 1.0)
+    assert better.kept
+    changed = [k for k, v in pair.snn_block.state_dict().items() if not torch.equal(v, original[k])]
+    assert any(k.endswith("weight") for k in changed)
+    assert not any(k.endswith("act_alpha") for k in changed)
+
+
+def test_resume_tunes_only_the_remaining_blocks():
+    ann, snn = tiny_pair()
+    q_sample = GaussianDiffusionTrainer(ann, 1e-4, 0.02, T_DIFF).q_sample
+    before = {k: v.clone() for k, v in snn.state_dict().items()}
+    done = []
+    falling = iter([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
+    records = ft.finetune(snn, ann, batches_for_tiny(q_sample), lambda: next(falling), noisy_batch(), 1e-3, 2,
+                          1.0, start_block=3, val_error=1.0, on_block=lambda r, e: done.append((r.index, e)))
+    n = len(snn.blocks())
+    assert [r.index for r in records] == [i for i, _ in done] == list(range(3, n))
+    assert all(r.kept for r in records) and [e for _, e in done] == [0.9, 0.8, 0.7, 0.6, 0.5][:n - 3]
+    first_three = tuple(name + "." for name, _ in snn.blocks()[:3])
+    for key, value in snn.state_dict().items():
+        if key.startswith(first_three):
+            assert torch.equal(value, before[key]), key
+
+
+def test_relative_error_closed_form():
+    ann, snn = tiny_pair()
+    x, t = noisy_batch()
+    with torch.no_grad():
+        target = snn(x, t) / 1.25  # snn = 1.25 * target: relative error exactly 0.25
+    assert ft.relative_error(snn, target, x, t, chunk=3) == pytest.approx(0.25, rel=1e-5)
+
+
+def test_whole_run_lowers_the_validation_error():
+    ann, snn = tiny_pair(seed=3)
+    q_sample = GaussianDiffusionTrainer(ann, 1e-4, 0.02, T_DIFF).q_sample
+    g = torch.Generator().manual_seed(7)
+    x_0 = torch.rand(32, 3, 8, 8, generator=g) * 2 - 1
+    val_x, val_t = ft.draw_batch(x_0, q_sample, T_DIFF, g)
+    with torch.no_grad():
+        ann_out = ann(val_x, val_t)
+
+    def validate():
+        return ft.relative_error(snn, ann_out, val_x, val_t)
+
+    converted = validate()
+    records = ft.finetune(snn, ann, batches_for_tiny(q_sample), validate, (val_x[:16], val_t[:16]), 1e-3, 10, 1.0)
+    final = validate()
+    assert final < 0.99 * converted
+    assert any(r.kept for r in records)
+    for r in records:
+        assert (r.val_after < r.val_before) == r.kept
+
+
+def test_validation_batch_is_fixed_and_spread():
+    data = [(torch.full((3, 4, 4), float(i) / 50 - 1), 0) for i in range(50)]
+    q_sample = GaussianDiffusionTrainer(nn.Identity(), 1e-4, 0.02, T_DIFF).q_sample
+    a = ft.validation_batch(data, 10, q_sample, T_DIFF, seed=5)
+    b = ft.validation_batch(data, 10, q_sample, T_DIFF, seed=5)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert a[1].tolist() == [round(i * 99 / 9) for i in range(10)]
+    with pytest.raises(ValueError):
+        ft.validation_batch(data, 51, q_sample, T_DIFF, seed=5)
+
+
+# --- end to end: SNN_ft.py on a checkpoint trained here ------------------------------------------
+
+TINY_MODEL = ["--dataset=shapes", "--img_size=8", "--ch=32", "--ch_mult=1", "--num_res_blocks=1",
+              "--dropout=0.0", "--bit=2", "--T=100"]
+FT_FLAGS = ["--dataset=shapes", "--ft_steps=2", "--batch_size=4", "--val_size=4", "--sample_size=2",
+            "--sampler=ddim", "--sample_steps=2", "--num_workers=0", "--lr=0.001", "--log_step=1"]
+
+
+def script(name, *args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, name), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained_logdir(tmp_path_factory):
+    logdir = tmp_path_factory.mktemp("ft") / "run"
+    out = script("ANN_train.py", *TINY_MODEL, "--total_steps=2", "--warmup=1", "--batch_size=4", "--num_workers=0",
+                 "--sample_step=0", "--save_step=2", "--sample_size=4", f"--logdir={logdir}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    return logdir
+
+
+def mtimes(folder):
+    return {name: os.stat(os.path.join(folder, name)).st_mtime_ns for name in sorted(os.listdir(folder))}
+
+
+def test_script_end_to_end_resume_and_skip(trained_logdir):
+    from snn.io import load_model
+    run = script("SNN_ft.py", *FT_FLAGS, f"--logdir={trained_logdir}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    out_dir = trained_logdir / "SNN_2bit_ft"
+    result = json.loads((out_dir / "finetune.json").read_text())
+    model, kind, ckpt = load_model(str(out_dir / "snn_ft.pt"))
+    n = len(model.blocks())
+    assert kind == "snn" and ckpt["finetune"]["next_block"] == n
+    assert result["finished"] and [b["index"] for b in result["blocks"]] == list(range(n))
+    assert result["final_error"] <= result["converted_error"]
+    backpacks = out_dir / "model_backpacks"
+    assert len(os.listdir(backpacks)) == n
+    assert len(os.listdir(out_dir / "ft_blocks_samples")) == n + 2  # + ann.png, converted.png
+
+    stamps = mtimes(backpacks)
+    again = script("SNN_ft.py", *FT_FLAGS, f"--logdir={trained_logdir}")
+    assert again.returncode == 0 and "already tuned" in again.stdout
+    assert mtimes(backpacks) == stamps
+
+    last = sorted(os.listdir(backpacks))[-1]
+    os.remove(backpacks / last)
+    os.remove(out_dir / "snn_ft.pt")
+    resumed = script("SNN_ft.py", *FT_FLAGS, f"--logdir={trained_logdir}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"{n - 1} block(s) done" in resumed.stdout
+    new_stamps = mtimes(backpacks)
+    assert {k: v for k, v in new_stamps.items() if k != last} == {k: v for k, v in stamps.items() if k != last}
+    assert last in new_stamps and (out_dir / "snn_ft.pt").exists()
+    result = json.loads((out_dir / "finetune.json").read_text())
+    assert result["finished"] and len(result["blocks"]) == n
+
+    ckpt = torch.load(trained_logdir / "ckpt.pt", weights_only=False)
+    ckpt["step"] += 1  # another checkpoint now: the backpacks no longer belong to it
+    torch.save(ckpt, trained_logdir / "ckpt.pt")
+    assert_one_error_line(script("SNN_ft.py", *FT_FLAGS, f"--logdir={trained_logdir}"), "has changed", "--restart")
+
+
+def assert_one_error_line(proc, *words):
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr
+    assert len([line for line in lines if line.startswith("error:")]) == 1, proc.stderr
+    assert all(word in proc.stderr for word in words), proc.stderr
+
+
+def test_script_without_checkpoint_is_one_error_line(tmp_path):
+    assert_one_error_line(script("SNN_ft.py", *FT_FLAGS, f"--logdir={tmp_path}"), "no checkpoint", "ckpt.pt")
