@@ -6,6 +6,8 @@ Tensors are time-major and folded into the batch, ``[T*B, ...]``; a neuron unfol
 import torch
 import torch.nn as nn
 
+from snn import fused
+
 
 def fold(x):
     """[T, B, ...] -> [T*B, ...]."""
@@ -48,22 +50,38 @@ def if_spikes(x, theta, signed=False):
     return spikes
 
 
+def spike_train(x, theta, signed=False, backend="reference"):
+    """``if_spikes`` computed by ``backend``: the same spikes [T, ...] bit for bit.
+
+    ``reference``: the loop above. ``compile``: one fused kernel (``snn.fused``; fails when the
+    compiler does). ``auto``: the fused kernel, falling back to the loop (with one warning) when
+    it cannot be compiled.
+    """
+    if backend == "compile":
+        return fused.if_spikes_fused(x, theta, signed)
+    if backend == "auto":
+        return fused.if_spikes_auto(x, theta, signed, reference=if_spikes)
+    return if_spikes(x, theta, signed)
+
+
 class IFNeuron(nn.Module):
     """IF neuron layer with threshold ``act_alpha`` simulating ``T`` steps per call.
 
     forward(x [T*B, ...]) -> [T*B, ...] with values in {-alpha, 0, alpha} (signed) or {0, alpha}.
     The parameter name matches ``QuantReLU``'s, so a quantized ANN's state dict loads as is.
+    ``backend`` picks how the time loop runs (``spike_train``); every backend gives the same spikes.
     """
 
-    def __init__(self, T, alpha=1.0, signed=True):
+    def __init__(self, T, alpha=1.0, signed=True, backend="reference"):
         super().__init__()
         self.T = int(T)
         self.signed = bool(signed)
+        self.backend = fused.check_backend(backend)
         self.act_alpha = nn.Parameter(torch.as_tensor(float(alpha)))
 
     def forward(self, x):
-        spikes = if_spikes(unfold(x, self.T), self.act_alpha.detach(), self.signed)
+        spikes = spike_train(unfold(x, self.T), self.act_alpha.detach(), self.signed, self.backend)
         return fold(spikes) * self.act_alpha
 
     def extra_repr(self):
-        return f"T={self.T}, signed={self.signed}"
+        return f"T={self.T}, signed={self.signed}, backend={self.backend}"

@@ -1,0 +1,183 @@
+"""The benchmarks of ``bench/run.py``: each returns a row {key, ratio, a_ms, b_ms, what}.
+
+``ratio = b / a``, where ``a`` is the baseline (the denominator) and ``b`` what is measured
+against it; times are medians over alternating repeats (``paired_medians``).
+"""
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from diffusion import GaussianDiffusionTrainer, make_sampler
+from model import UNet
+from snn.convert import convert
+from snn.neuron import IFNeuron, spike_train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = dict(T=1000, ch=32, ch_mult=[1, 2], attn=[], num_res_blocks=1, dropout=0.0)
+CIFAR10 = dict(T=1000, ch=128, ch_mult=[1, 2, 2, 2], attn=[], num_res_blocks=2, dropout=0.1)
+TINY = dict(T=1000, ch=32, ch_mult=[1], attn=[], num_res_blocks=1, dropout=0.0)
+BIT = 2
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def paired_medians(fa, fb, repeats, device, warmup=1):
+    """Median seconds of ``fa()`` and of ``fb()``, timed alternately after ``warmup`` calls each."""
+    return interleaved_medians([fa, fb], repeats, device, warmup)
+
+
+def interleaved_medians(fns, repeats, device, warmup=1):
+    """Median seconds of each of ``fns``, called in turn ``repeats`` times after ``warmup`` rounds."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            out.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def row(key, a, b, what):
+    return {"key": key, "ratio": b / a, "a_ms": a * 1e3, "b_ms": b * 1e3, "what": what}
+
+
+def with_neuron_backend(snn, backend):
+    """A copy of ``snn`` whose IF neurons run their time loop with ``backend`` (same thresholds)."""
+    snn = copy.deepcopy(snn)
+    targets = [(name, m) for name, m in snn.named_modules() if isinstance(m, IFNeuron)]
+    for name, neuron in targets:
+        parent_name, _, child = name.rpartition(".")
+        fresh = IFNeuron(neuron.T, neuron.act_alpha.item(), neuron.signed, backend=backend)
+        setattr(snn.get_submodule(parent_name) if parent_name else snn, child, fresh.to(neuron.act_alpha.device))
+    return snn
+
+
+@torch.no_grad()
+def snn_over_ann(name, cfg, batch, device, repeats, signed=False):
+    """(a) SNN forward time / (T x quantized-ANN forward time), 32x32 images, eval mode.
+
+    Three rows: reference neurons, fused neurons (backend ``auto``), and the two SNNs against
+    each other; the three models are timed in turn.
+    """
+    torch.manual_seed(0)
+    ann = UNet(bit=BIT, **cfg).to(device).eval()
+    snn = convert(ann, signed=signed)
+    snn_fused = with_neuron_backend(snn, "auto")
+    T = snn.time_steps
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    t = torch.randint(1000, (batch,), device=device)
+    snn_fused(x, t)  # compiles the fused neuron outside the timing
+    a, ref, fused = interleaved_medians([lambda: ann(x, t), lambda: snn(x, t), lambda: snn_fused(x, t)],
+                                        repeats, device)
+    what = f"{name} UNet, batch {batch}, T={T}, {'signed' if signed else 'unsigned'} neurons"
+    return [row(f"snn_over_T_ann_{name}", T * a, ref, what + ", reference loop; A = T x ANN"),
+            row(f"snn_over_T_ann_{name}_fused", T * a, fused, what + ", fused (auto); A = T x ANN"),
+            row(f"snn_fused_over_reference_{name}", ref, fused, what + "; A = SNN with the reference loop")]
+
+
+@torch.no_grad()
+def if_over_copy(device, repeats, batch=8, T=2 ** BIT - 1):
+    """(b) IF neuron over x [T, B, 32, 32, 32] / x.clone(), reference loop and fused kernel."""
+    x = torch.randn(T, batch, 32, 32, 32, device=device) * 0.5
+    theta = torch.tensor(0.7, device=device)
+    rows = []
+    for backend, signed in (("reference", False), ("auto", False), ("reference", True), ("auto", True)):
+        spike_train(x, theta, signed, backend)  # compiles once, outside the timing
+        a, b = paired_medians(lambda: x.clone(), lambda: spike_train(x, theta, signed, backend), repeats, device)
+        key = "if_over_copy_" + ("reference" if backend == "reference" else "fused") + ("_signed" if signed else "")
+        rows.append(row(key, a, b, f"[{T}, {batch}, 32, 32, 32] float32, {'signed' if signed else 'unsigned'}, "
+                                   f"backend={backend}; A = x.clone()"))
+    return rows
+
+
+def quant_over_fp_train(device, repeats, batch=16):
+    """(c) training step of the 2-bit demo UNet / of the full-precision one (same batch)."""
+    steps = {}
+    for bit in (BIT, 32):
+        torch.manual_seed(0)
+        trainer = GaussianDiffusionTrainer(UNet(bit=bit, **DEMO), 1e-4, 0.02, 1000).to(device).train()
+        optim = torch.optim.Adam(trainer.parameters(), lr=1e-4)
+        x_0 = torch.randn(batch, 3, 32, 32, device=device)
+        steps[bit] = _train_step(trainer, optim, x_0)
+    a, b = paired_medians(steps[32], steps[BIT], repeats, device)
+    return row("quant_over_fp_train", a, b, f"demo UNet, batch {batch}, forward+backward+Adam; A = full precision")
+
+
+def _train_step(trainer, optim, x_0):
+    def step():
+        optim.zero_grad(set_to_none=True)
+        trainer(x_0).mean().backward()
+        torch.nn.utils.clip_grad_norm_(trainer.parameters(), 1.0)
+        optim.step()
+    return step
+
+
+@torch.no_grad()
+def ddim_over_ddpm(device, quick=False):
+    """(d) DDIM (100 steps) / ancestral (1000 steps) sampling, 2-bit UNet, one 32x32 image.
+
+    Full mode: whole runs of the tiny UNet (ch 32, one level). Quick mode: the demo UNet, 20
+    steps of each sampler, scaled to 100 and 1000 steps.
+    """
+    torch.manual_seed(0)
+    model = UNet(bit=BIT, **(DEMO if quick else TINY)).to(device).eval()
+    x_T = torch.randn(1, 3, 32, 32, device=device)
+    ddpm = make_sampler(model, "ddpm", 1e-4, 0.02, 1000, 32, "epsilon", "fixedlarge").to(device)
+    ddim = make_sampler(model, "ddim", 1e-4, 0.02, 1000, 32, "epsilon", "fixedlarge", sample_steps=100).to(device)
+    if quick:
+        a, b = paired_medians(lambda: _first_steps(ddpm, x_T, 20), lambda: _first_steps(ddim, x_T, 20), 3, device)
+        a, b = a * 1000 / 20, b * 100 / 20
+        what = "demo UNet, 1 image, 20 steps of each timed and scaled to 1000 / 100 steps"
+    else:
+        a, b = paired_medians(lambda: ddpm(x_T), lambda: ddim(x_T), 2, device, warmup=0)
+        what = "tiny UNet (ch 32, ch_mult 1), 1 image, whole sampling runs"
+    return row("ddim100_over_ddpm1000", a, b, what + "; A = ancestral 1000 steps")
+
+
+def _first_steps(sampler, x_T, n):
+    for i, _ in enumerate(sampler.steps(x_T)):
+        if i + 1 == n:
+            break
+
+
+def ddp_over_single(steps=30, batch=16, threads=1):
+    """(e) images/s of ANN_train.py under torchrun (2 gloo processes) / one process, same global
+    batch, demo UNet, ``threads`` threads per process; from the ``wall_s`` its summary line reports
+    (the training loop: first step and final checkpoint included)."""
+    args = ["--dataset=shapes", "--img_size=32", "--ch=32", "--ch_mult=1", "--ch_mult=2", "--num_res_blocks=1",
+            "--dropout=0.0", "--bit=2", f"--batch_size={batch}", f"--total_steps={steps}", f"--save_step={steps}",
+            "--sample_step=0", "--num_workers=0", "--log_step=1000000", "--warmup=10"]
+    single = _train_images_per_s(args, steps * batch, [], threads)
+    double = _train_images_per_s(args, steps * batch, ["-m", "torch.distributed.run", "--standalone",
+                                                       "--nproc_per_node=2"], threads)
+    what = (f"ANN_train.py demo UNet, global batch {batch}, {steps} steps, images/s; {threads} thread(s) per "
+            f"process, {os.cpu_count()} cores; A = 1 process, B = 2 processes (gloo); ideal 2.0")
+    # a ratio of throughputs (> 1: the two processes are faster); the times are ms per image
+    return {"key": "ddp2_over_1", "ratio": double / single, "a_ms": 1e3 / single, "b_ms": 1e3 / double,
+            "what": what}
+
+
+def _train_images_per_s(args, images, launcher, threads):
+    with tempfile.TemporaryDirectory() as logdir:
+        cmd = [sys.executable, *launcher, os.path.join(ROOT, "ANN_train.py"), *args, f"--logdir={logdir}"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        summary = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    return images / summary["wall_s"]

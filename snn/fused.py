@@ -1,0 +1,89 @@
+"""Fused integrate-and-fire time loop (DESIGN §3).
+
+``snn.neuron.if_spikes`` runs the T-step loop as ~10 tensor operations per step, each one a
+full pass over memory. Here the same loop is unrolled over T and handed to ``torch.compile``
+(inductor), which emits one kernel: every element's membrane and spike count stay in
+registers, the input is read once and the spike train written once. On the CPU inductor
+generates vectorised C++ (it needs a C++ compiler); on CUDA it generates a Triton kernel.
+
+The arithmetic is the reference's, operation for operation, so the spikes are identical bit
+for bit: subtracting or adding ``theta`` under a mask instead of ``s * theta`` changes nothing,
+since ``s`` is 0 or 1 and ``s * theta`` is exact (and a fused multiply-add of an exact product
+rounds once, like the separate operations).
+
+The CUDA path has not been exercised by the test suite, which runs on CPUs.
+"""
+import functools
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("reference", "compile", "auto")
+
+_failure = []  # the first compile error of this process: 'auto' stops trying after it
+
+
+def _if_steps(x, theta, signed: bool):
+    """[T, N] input currents, 0-dim theta -> [T, N] spikes; the loop over T is unrolled."""
+    v = (theta / 2).expand_as(x[0])
+    count = torch.zeros_like(x[0])
+    spikes = []
+    for t in range(x.shape[0]):
+        v = v + x[t]
+        fire = v >= theta
+        v = torch.where(fire, v - theta, v)
+        s = fire.to(x.dtype)
+        if signed:
+            # Fast-SNN's negative spike: only after a positive one, so the net count stays >= 0
+            neg = (v < 0) & (count > 0)
+            v = torch.where(neg, v + theta, v)
+            s = s - neg.to(x.dtype)
+            count = count + s
+        spikes.append(s)
+    return torch.stack(spikes)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_if_steps():
+    """``_if_steps`` compiled, built on first use: setting up the compiler takes seconds.
+
+    dynamic=True: one kernel per (T, signed, dtype, device) serves every tensor size.
+    """
+    return torch.compile(_if_steps, dynamic=True)
+
+
+def if_spikes_fused(x, theta, signed=False):
+    """``snn.neuron.if_spikes`` as one compiled kernel: x [T, ...] -> spikes [T, ...].
+
+    ``theta`` is a scalar (a Python number or a 0-dim tensor). Raises whatever the compiler
+    raises when it cannot build the kernel; ``if_spikes_auto`` falls back instead.
+    """
+    theta = torch.as_tensor(theta, dtype=x.dtype, device=x.device).detach()
+    assert theta.dim() == 0, f"the fused IF neuron takes a scalar threshold, got shape {tuple(theta.shape)}"
+    flat = x.detach().reshape(x.shape[0], -1)  # [T, N]: one compiled kernel for every layer shape
+    with torch.no_grad():  # spikes carry no gradient; no autograd graph to compile
+        return _compiled_if_steps()(flat, theta, bool(signed)).reshape(x.shape)
+
+
+def if_spikes_auto(x, theta, signed, reference):
+    """``if_spikes_fused``, or ``reference(x, theta, signed)`` once the compiler has failed.
+
+    The first failure is logged as a warning; the rest of the process uses ``reference``.
+    """
+    if not _failure:
+        try:
+            return if_spikes_fused(x, theta, signed)
+        except Exception as err:  # no C++ compiler, unsupported platform, inductor bug, ...
+            _failure.append(err)
+            log.warning("the fused IF neuron could not be compiled (%s: %s); using the reference loop",
+                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+    return reference(x, theta, signed)
+
+
+def check_backend(backend):
+    """``backend`` if it names a neuron backend, else ValueError."""
+    if backend not in BACKENDS:
+        raise ValueError(f"IF neuron backend must be one of {BACKENDS}, got {backend!r}")
+    return backend

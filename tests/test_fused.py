@@ -1,0 +1,126 @@
+"""The fused IF neuron (snn/fused.py) against the reference loop (snn/neuron.py).
+
+Compiling costs seconds per (T, signed) pair, so the tests share three compiled kernels:
+T = 3 unsigned, T = 3 signed and T = 7 unsigned (T = 7 signed alone compiles for
+half a minute on two cores); the kernels are compiled for dynamic sizes,
+so every shape below reuses them.
+"""
+import logging
+import shutil
+
+import pytest
+import torch
+
+from quant import quantize_activation
+from snn import fused
+from snn.neuron import IFNeuron, fold, if_spikes, spike_train, time_mean, unfold
+
+HAS_CXX = any(shutil.which(name) for name in ("g++", "c++", "clang++"))
+needs_compiler = pytest.mark.skipif(not HAS_CXX, reason="torch.compile on the CPU needs a C++ compiler")
+
+
+def bits(x):
+    """The float32 bit patterns, so that -0.0 and 0.0 (or two NaNs) are told apart."""
+    return x.contiguous().view(torch.int32)
+
+
+def near_threshold_inputs(T, shape, theta, generator):
+    """Inputs [T, *shape] that put the membrane exactly on, or one ulp either side of, ``theta``.
+
+    Multiples of theta / 4 add up exactly in float32, so the membrane (which starts at theta / 2)
+    lands on theta itself; ulp-sized nudges test the >= comparison from both sides.
+    """
+    steps = torch.randint(-4, 5, (T, *shape), generator=generator).float() * (theta / 4)
+    nudge = torch.randint(-1, 2, (T, *shape), generator=generator).float()
+    nudged = torch.nextafter(steps, steps + nudge)
+    return torch.where(nudge == 0, steps, nudged)
+
+
+@needs_compiler
+@pytest.mark.parametrize("T,signed", [(3, False), (3, True), (7, False)])
+@pytest.mark.parametrize("shape", [(5,), (2, 3, 4, 4), (4, 32, 8, 8)])
+def test_fused_equals_reference_bit_for_bit(T, signed, shape):
+    g = torch.Generator().manual_seed(T * 100 + len(shape))
+    theta = torch.tensor(0.7)  # not a binary fraction: rounding differences would show
+    x = torch.randn(T, *shape, generator=g) * 0.8
+    ref = if_spikes(x, theta, signed)
+    out = fused.if_spikes_fused(x, theta, signed)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert torch.equal(bits(out), bits(ref))
+    if x.numel() > 100:
+        assert (ref > 0).any() and (not signed or (ref < 0).any()), "the case must exercise (negative) spikes"
+
+
+@needs_compiler
+@pytest.mark.parametrize("T,signed", [(3, False), (3, True), (7, False)])
+def test_fused_equals_reference_near_threshold(T, signed):
+    g = torch.Generator().manual_seed(7)
+    theta = 0.75
+    x = near_threshold_inputs(T, (3, 16, 8), theta, g)
+    ref = if_spikes(x, theta, signed)
+    assert torch.equal(bits(fused.if_spikes_fused(x, torch.tensor(theta), signed)), bits(ref))
+    # the membrane sits exactly on the threshold somewhere: v = theta / 2 + theta / 2 at t = 0
+    assert ((x[0] == theta / 2) & (ref[0] == 1)).any()
+
+
+@needs_compiler
+def test_fused_constant_input_is_the_quantizer():
+    """Closed form (DESIGN §3): over T = 3 steps the mean output equals the 2-bit quantizer."""
+    theta = torch.tensor(1.3)
+    x = torch.rand(4096, generator=torch.Generator().manual_seed(4)) * 2.5 - 0.5  # [-0.5, 2)
+    spikes = fused.if_spikes_fused(x.expand(3, -1), theta, False)
+    assert torch.allclose(theta * spikes.mean(0), quantize_activation(x, theta, 3), atol=1e-6)
+
+
+@needs_compiler
+@pytest.mark.parametrize("signed", [False, True])
+def test_neuron_module_backends_agree(signed):
+    T, B = 3, 2
+    x = torch.randn(T * B, 32, 4, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    ref = IFNeuron(T, alpha=0.9, signed=signed)
+    out_ref = ref(x)
+    for backend in ("compile", "auto"):
+        neuron = IFNeuron(T, alpha=0.9, signed=signed, backend=backend)
+        out = neuron(x)
+        assert torch.equal(bits(out.detach()), bits(out_ref.detach()))
+        # the threshold still gets its gradient through the output current theta * s
+        neuron.act_alpha.grad = None
+        time_mean(out, T).sum().backward()
+        ref.act_alpha.grad = None
+        time_mean(ref(x), T).sum().backward()
+        assert torch.equal(neuron.act_alpha.grad, ref.act_alpha.grad)
+
+
+def test_auto_falls_back_once_with_a_warning(monkeypatch, caplog):
+    calls = []
+
+    def broken(*args):
+        calls.append(args)
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(fused, "_compiled_if_steps", lambda: broken)
+    monkeypatch.setattr(fused, "_failure", [])
+    x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(2))
+    with caplog.at_level(logging.WARNING, logger=fused.log.name):
+        first = spike_train(x, 0.5, True, backend="auto")
+        second = spike_train(x * 2, 0.5, True, backend="auto")
+    assert torch.equal(first, if_spikes(x, 0.5, True))
+    assert torch.equal(second, if_spikes(x * 2, 0.5, True))
+    assert len(calls) == 1, "after the first failure 'auto' stops trying the compiler"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "no compiler here" in warnings[0].getMessage()
+    with pytest.raises(RuntimeError, match="no compiler here"):
+        spike_train(x, 0.5, True, backend="compile")  # asked for explicitly: the error shows
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="backend"):
+        IFNeuron(3, backend="triton")
+
+
+def test_reference_backend_is_the_loop():
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(3))
+    neuron = IFNeuron(3, alpha=0.4, signed=True)
+    assert neuron.backend == "reference"
+    expected = fold(if_spikes(unfold(x, 3), torch.tensor(0.4), True)) * 0.4
+    assert torch.equal(neuron(x).detach(), expected)
