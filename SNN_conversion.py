@@ -23,7 +23,7 @@ from common.images import save_grid, side_by_side
 from common.models import build_sampler, build_unet
 from diffusion import GaussianDiffusionTrainer
 from quant import FULL_PRECISION
-from snn import convert
+from snn import convert, set_backend
 from snn.io import save_snn
 from snn.stats import SpikeMonitor
 
@@ -56,7 +56,7 @@ def load_ann(path, device):
 
 def to_snn(ann, signed):
     try:
-        return convert(ann, signed=signed)
+        return set_backend(convert(ann, signed=signed), FLAGS.neuron_backend)
     except (ValueError, TypeError) as err:
         raise UserError(f"cannot convert this model: {err}") from None
 

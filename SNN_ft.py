@@ -28,6 +28,7 @@ from common.models import build_sampler, build_unet
 from diffusion import GaussianDiffusionTrainer
 from snn import finetune
 from snn.convert import convert
+from snn.neuron import set_backend
 from snn.io import save_snn
 
 cflags.define_model_flags()
@@ -88,7 +89,7 @@ def file_digest(path):
 
 def make_snn(ann):
     try:
-        return convert(ann, signed=FLAGS.sign).eval()
+        return set_backend(convert(ann, signed=FLAGS.sign), FLAGS.neuron_backend).eval()
     except ValueError as err:
         raise UserError(f"cannot convert {cflags.logdir()}/ckpt.pt: {err}") from None
 

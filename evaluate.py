@@ -28,11 +28,13 @@ from common.models import build_sampler
 from metrics import inception, shards
 from metrics.report import append_jsonl, psnr
 from snn.io import load_model
+from snn.neuron import set_backend
 from snn.stats import SpikeMonitor
 
 cflags.define_model_flags()
 cflags.define_run_flags()
 cflags.define_sampler_flags()
+cflags.define_neuron_backend_flag()
 # What to evaluate
 flags.DEFINE_string("eval_model_path", None, help="SNN checkpoint (converted_snn.pt, a fine-tuned SNN) or ANN ckpt.pt")
 flags.DEFINE_string("ann_path", None, help="the ANN ckpt.pt of the SNN, for the agreement PSNR "
@@ -231,6 +233,7 @@ def main(argv):
     check_flags()
     rt = runtime.setup(FLAGS.seed)
     model, kind, ckpt = load_model(FLAGS.eval_model_path, rt.device)
+    set_backend(model, FLAGS.neuron_backend)
     cfg = cflags.resolve_model_flags(ckpt["flags"], FLAGS.eval_model_path)
     logdir = cflags.logdir()
     net, skipped = prepare_metrics(rt.device, cfg.get("dataset", "cifar10")) if rt.is_main else (None, None)

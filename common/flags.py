@@ -62,6 +62,14 @@ def define_sampler_flags():
 def define_snn_flags():
     flags.DEFINE_bool("sign", True, help="signed IF neurons (Fast-SNN, measured better on the demo model); "
                       "--nosign: plain unsigned IF neurons")
+    define_neuron_backend_flag()
+
+
+def define_neuron_backend_flag():
+    flags.DEFINE_enum("neuron_backend", "reference", ["reference", "compile", "auto"],
+                      help="how IF neurons run their time loop; every choice gives the same spikes: reference = "
+                           "vectorised loop, compile = one torch.compile kernel (needs a C++ compiler on CPUs, "
+                           "Triton on GPUs), auto = compile, falling back to the loop if it cannot")
 
 
 def logdir():

@@ -99,7 +99,7 @@ def test_sharded_evaluation_makes_the_images_of_one_process(trained, tmp_path):
     """Two ranks share the shards; every shard is seeded by its index, so the images are the same."""
     ckpt = os.path.join(trained[0], "ckpt.pt")
     common = [f"--eval_model_path={ckpt}", "--num_images=6", "--batch_size=2", "--sampler=ddim",
-              "--sample_steps=2", "--fid=skip", "--energy_images=0", "--agreement_images=0", "--nopic_or_not"]
+              "--sample_steps=2", "--fid=skip", "--probe_images=0", "--nopic_or_not"]
     folders = {}
     for name, launch in (("one", run_script), ("two", torchrun)):
         folders[name] = tmp_path / name / "png"

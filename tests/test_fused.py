@@ -124,3 +124,23 @@ def test_reference_backend_is_the_loop():
     assert neuron.backend == "reference"
     expected = fold(if_spikes(unfold(x, 3), torch.tensor(0.4), True)) * 0.4
     assert torch.equal(neuron(x).detach(), expected)
+
+
+@needs_compiler
+def test_set_backend_switches_every_neuron_of_a_spiking_unet():
+    """--neuron_backend: a whole converted UNet gives the same output with the fused neurons."""
+    from model import UNet
+    from snn import convert, set_backend
+
+    torch.manual_seed(0)
+    ann = UNet(T=100, ch=32, ch_mult=[1, 2], attn=[], num_res_blocks=1, dropout=0.0, bit=2, alpha_init=1.0).eval()
+    snn = convert(ann, signed=True)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 70])
+    with torch.no_grad():
+        expected = snn(x, t)
+        assert set_backend(snn, "compile") is snn
+        neurons = [m for m in snn.modules() if isinstance(m, IFNeuron)]
+        assert neurons and all(m.backend == "compile" for m in neurons)
+        assert torch.equal(bits(snn(x, t)), bits(expected))
+    with pytest.raises(ValueError, match="backend"):
+        set_backend(snn, "triton")
