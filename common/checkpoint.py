@@ -1,9 +1,9 @@
 """Checkpoint I/O: atomic writes and loads that fail with a clear message (DESIGN §6)."""
 import os
-import tempfile
 
 import torch
 
+from common.atomic import atomic_open
 from common.errors import UserError
 
 ANN_KEYS = ("net_model", "ema_model", "flags", "step")
@@ -15,19 +15,8 @@ def save_atomic(obj, path):
 
     An interruption leaves the previous file at ``path`` untouched.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path) as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -1,8 +1,9 @@
 """Saving image grids and single images."""
-import os
 
 import torch
 from torchvision.utils import make_grid, save_image
+
+from common.atomic import atomic_open
 
 
 def to_unit(x):
@@ -11,12 +12,10 @@ def to_unit(x):
 
 
 def save_grid(x, path, nrow=None):
-    """Save images [B, 3, H, W] in [-1, 1] as one grid PNG (written to a temporary name first)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Save images [B, 3, H, W] in [-1, 1] as one grid PNG, atomically."""
     nrow = nrow or max(1, int(round(x.shape[0] ** 0.5)))
-    tmp = path + ".tmp.png"
-    save_image(to_unit(x.float().cpu()), tmp, nrow=nrow)
-    os.replace(tmp, path)
+    with atomic_open(path) as f:
+        save_image(to_unit(x.float().cpu()), f, nrow=nrow, format="png")
 
 
 def side_by_side(left, right, nrow=None):

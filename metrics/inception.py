@@ -7,11 +7,11 @@ whenever a process group exists, and here only rank 0 computes the metrics.
 """
 import os
 import socket
-import tempfile
 
 import numpy as np
 import torch
 
+from common.atomic import atomic_open
 from common.errors import UserError
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -112,17 +112,8 @@ def feature_statistics(feats):
 
 def save_stats(path, mu, sigma):
     """Write ``mu`` and ``sigma`` into ``path`` (.npz, the library's format), atomically."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp.npz", dir=folder)
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, mu=mu, sigma=sigma)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path) as f:
+        np.savez_compressed(f, mu=mu, sigma=sigma)
 
 
 def check_stats(path, dataset="cifar10"):

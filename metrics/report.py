@@ -2,9 +2,10 @@
 import json
 import math
 import os
-import tempfile
 
 import torch
+
+from common.atomic import atomic_open
 
 
 def psnr(a, b, data_range=2.0):
@@ -18,17 +19,8 @@ def psnr(a, b, data_range=2.0):
 
 def append_jsonl(path, record):
     """Append ``record`` as one JSON line to ``path``, atomically (old lines + new one, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     old = open(path).read() if os.path.exists(path) else ""
     if old and not old.endswith("\n"):
         old += "\n"
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(old + json.dumps(record) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path, "w") as f:
+        f.write(old + json.dumps(record) + "\n")

@@ -8,10 +8,11 @@ uninterrupted run's. Under torchrun shard ``i`` belongs to rank ``i % world_size
 """
 import hashlib
 import os
-import tempfile
 
 import numpy as np
 import torch
+
+from common.atomic import atomic_open
 
 
 def file_digest(path, chunk=1 << 20):
@@ -60,16 +61,8 @@ def generate_shard(sample_fn, seed, index, shard_size, img_size, device):
 
 
 def save_shard(path, images):
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".shard.", suffix=".tmp.npz", dir=folder)
-    os.close(fd)
-    try:
-        np.savez(tmp, images=images)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path) as f:
+        np.savez(f, images=images)
 
 
 def load_shard(path, shard_size):
