@@ -21,6 +21,7 @@ from common import flags as cflags
 from common.ema import update_ema
 from common.errors import UserError, run
 from common.images import save_grid
+from common.compiled import set_kernels
 from common.models import build_sampler, build_unet
 from diffusion import GaussianDiffusionTrainer
 from quant import QuantReLU
@@ -130,7 +131,7 @@ def train_step(trainer, params, optim, sched, batch):
 
 
 def setup_models(rt):
-    net_model = build_unet(cflags.model_flags()).to(rt.device)
+    net_model = set_kernels(build_unet(cflags.model_flags()).to(rt.device), cflags.kernels())
     if FLAGS.init:
         initialised = load_init(net_model, FLAGS.init)
         if rt.is_main and initialised:

@@ -7,9 +7,7 @@ and SNN samples from the same noise) and ``conversion.json`` (the relative error
 noise prediction, spike statistics and energy, DESIGN §8). The model is rebuilt from the flags
 stored in the checkpoint; a flag given explicitly that contradicts them is an error.
 """
-import json
 import os
-import tempfile
 import time
 
 import torch
@@ -18,12 +16,14 @@ from tqdm import tqdm
 
 from common import checkpoint, data, runtime
 from common import flags as cflags
+from common.atomic import write_json
+from common.compiled import set_kernels
 from common.errors import UserError, run
 from common.images import save_grid, side_by_side
 from common.models import build_sampler, build_unet
 from diffusion import GaussianDiffusionTrainer
 from quant import FULL_PRECISION
-from snn import convert, set_backend
+from snn import convert
 from snn.io import save_snn
 from snn.stats import SpikeMonitor
 
@@ -51,12 +51,12 @@ def load_ann(path, device):
                         "converts into IF neurons; train one with ANN_train.py --bit=2 [--init {path}]")
     ann = build_unet(stored)
     ann.load_state_dict(ckpt["ema_model"])
-    return ann.to(device).eval(), stored, ckpt
+    return set_kernels(ann.to(device).eval(), cflags.kernels()), stored, ckpt
 
 
 def to_snn(ann, signed):
     try:
-        return set_backend(convert(ann, signed=signed), FLAGS.neuron_backend)
+        return set_kernels(convert(ann, signed=signed), cflags.kernels())
     except (ValueError, TypeError) as err:
         raise UserError(f"cannot convert this model: {err}") from None
 
@@ -120,16 +120,6 @@ def sample_grids(ann, snn, stored, device, folder):
     save_grid(snn_x, os.path.join(folder, "snn.png"))
     save_grid(side_by_side(ann_x, snn_x)[None], os.path.join(folder, "ann_vs_snn.png"), nrow=1)
     return ann_x, snn_x
-
-
-def write_json(obj, path):
-    """Write ``obj`` as JSON to a temporary file of the same folder, then rename into place."""
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be read
-    os.replace(tmp, path)
 
 
 def convert_and_measure(logdir, device):

@@ -12,7 +12,6 @@ import glob
 import hashlib
 import json
 import os
-import tempfile
 
 import torch
 import torch.distributed as dist
@@ -22,13 +21,14 @@ from tqdm import tqdm
 
 from common import checkpoint, data, runtime
 from common import flags as cflags
+from common.atomic import write_json
+from common.compiled import set_kernels
 from common.errors import UserError, run
 from common.images import save_grid
 from common.models import build_sampler, build_unet
 from diffusion import GaussianDiffusionTrainer
 from snn import finetune
 from snn.convert import convert
-from snn.neuron import set_backend
 from snn.io import save_snn
 
 cflags.define_model_flags()
@@ -75,7 +75,7 @@ def load_ann(path, device):
     except RuntimeError as err:
         raise UserError(f"{path}: the weights do not fit the model its flags describe: "
                         f"{str(err).splitlines()[0]}") from None
-    return ann.to(device).eval(), stored
+    return set_kernels(ann.to(device).eval(), cflags.kernels()), stored
 
 
 def file_digest(path):
@@ -89,7 +89,7 @@ def file_digest(path):
 
 def make_snn(ann):
     try:
-        return set_backend(convert(ann, signed=FLAGS.sign), FLAGS.neuron_backend).eval()
+        return set_kernels(convert(ann, signed=FLAGS.sign), cflags.kernels()).eval()
     except ValueError as err:
         raise UserError(f"cannot convert {cflags.logdir()}/ckpt.pt: {err}") from None
 
@@ -132,16 +132,6 @@ def clear_outputs(out_dir):
             [os.path.join(out_dir, "snn_ft.pt"), os.path.join(out_dir, "finetune.json")]:
         if os.path.exists(path):
             os.remove(path)
-
-
-def write_json(obj, path):
-    """Atomic JSON write: a temporary file in the same folder renamed into place."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".finetune.", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def summary(state, out_dir, finished):

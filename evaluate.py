@@ -22,19 +22,18 @@ from tqdm import tqdm
 
 from common import runtime
 from common import flags as cflags
+from common.compiled import set_kernels
 from common.errors import UserError, run
 from common.images import save_grid
 from common.models import build_sampler
 from metrics import inception, shards
 from metrics.report import append_jsonl, psnr
 from snn.io import load_model
-from snn.neuron import set_backend
 from snn.stats import SpikeMonitor
 
 cflags.define_model_flags()
 cflags.define_run_flags()
 cflags.define_sampler_flags()
-cflags.define_neuron_backend_flag()
 # What to evaluate
 flags.DEFINE_string("eval_model_path", None, help="SNN checkpoint (converted_snn.pt, a fine-tuned SNN) or ANN ckpt.pt")
 flags.DEFINE_string("ann_path", None, help="the ANN ckpt.pt of the SNN, for the agreement PSNR "
@@ -154,6 +153,7 @@ def find_ann(model_path, ckpt, logdir):
 def agreement(snn_images, cfg, ann_path, rt):
     """PSNR (dB) between the SNN's probe images and its ANN's from the same noise (or why not)."""
     ann, kind, ann_ckpt = load_model(ann_path, rt.device)
+    set_kernels(ann, cflags.kernels())
     arch = [k for k in cflags.MODEL_FLAG_NAMES if k in cfg and k in ann_ckpt["flags"] and k != "dataset"]
     if kind != "ann" or any(ann_ckpt["flags"][k] != cfg[k] for k in arch):
         return {"ann_path": ann_path, "agreement_note": f"{ann_path} is not the ANN of this SNN"}
@@ -233,7 +233,7 @@ def main(argv):
     check_flags()
     rt = runtime.setup(FLAGS.seed)
     model, kind, ckpt = load_model(FLAGS.eval_model_path, rt.device)
-    set_backend(model, FLAGS.neuron_backend)
+    set_kernels(model, cflags.kernels())
     cfg = cflags.resolve_model_flags(ckpt["flags"], FLAGS.eval_model_path)
     logdir = cflags.logdir()
     net, skipped = prepare_metrics(rt.device, cfg.get("dataset", "cifar10")) if rt.is_main else (None, None)

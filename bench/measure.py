@@ -14,10 +14,11 @@ import time
 
 import torch
 
+from common.compiled import set_kernels
 from diffusion import GaussianDiffusionTrainer, make_sampler
 from model import UNet
 from snn.convert import convert
-from snn.neuron import IFNeuron, spike_train
+from snn.neuron import spike_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = dict(T=1000, ch=32, ch_mult=[1, 2], attn=[], num_res_blocks=1, dropout=0.0)
@@ -56,37 +57,31 @@ def row(key, a, b, what):
     return {"key": key, "ratio": b / a, "a_ms": a * 1e3, "b_ms": b * 1e3, "what": what}
 
 
-def with_neuron_backend(snn, backend):
-    """A copy of ``snn`` whose IF neurons run their time loop with ``backend`` (same thresholds)."""
-    snn = copy.deepcopy(snn)
-    targets = [(name, m) for name, m in snn.named_modules() if isinstance(m, IFNeuron)]
-    for name, neuron in targets:
-        parent_name, _, child = name.rpartition(".")
-        fresh = IFNeuron(neuron.T, neuron.act_alpha.item(), neuron.signed, backend=backend)
-        setattr(snn.get_submodule(parent_name) if parent_name else snn, child, fresh.to(neuron.act_alpha.device))
-    return snn
+def with_kernels(model, backend):
+    """A copy of ``model`` whose quantizers / IF neurons run with ``backend`` (``--kernels``)."""
+    return set_kernels(copy.deepcopy(model), backend)
 
 
 @torch.no_grad()
 def snn_over_ann(name, cfg, batch, device, repeats, signed=False):
     """(a) SNN forward time / (T x quantized-ANN forward time), 32x32 images, eval mode.
 
-    Three rows: reference neurons, fused neurons (backend ``auto``), and the two SNNs against
-    each other; the three models are timed in turn.
+    Three rows: reference kernels, fused kernels (``--kernels=auto``, for the ANN's quantizers
+    too), and the two SNNs against each other; the four models are timed in turn.
     """
     torch.manual_seed(0)
     ann = UNet(bit=BIT, **cfg).to(device).eval()
     snn = convert(ann, signed=signed)
-    snn_fused = with_neuron_backend(snn, "auto")
+    ann_fused, snn_fused = with_kernels(ann, "auto"), with_kernels(snn, "auto")
     T = snn.time_steps
     x = torch.randn(batch, 3, 32, 32, device=device)
     t = torch.randint(1000, (batch,), device=device)
-    snn_fused(x, t)  # compiles the fused neuron outside the timing
-    a, ref, fused = interleaved_medians([lambda: ann(x, t), lambda: snn(x, t), lambda: snn_fused(x, t)],
-                                        repeats, device)
+    ann_fused(x, t), snn_fused(x, t)  # compiles the fused kernels outside the timing
+    a, a_fused, ref, fused = interleaved_medians(
+        [lambda: ann(x, t), lambda: ann_fused(x, t), lambda: snn(x, t), lambda: snn_fused(x, t)], repeats, device)
     what = f"{name} UNet, batch {batch}, T={T}, {'signed' if signed else 'unsigned'} neurons"
     return [row(f"snn_over_T_ann_{name}", T * a, ref, what + ", reference loop; A = T x ANN"),
-            row(f"snn_over_T_ann_{name}_fused", T * a, fused, what + ", fused (auto); A = T x ANN"),
+            row(f"snn_over_T_ann_{name}_fused", T * a_fused, fused, what + ", fused (auto); A = T x ANN, fused"),
             row(f"snn_fused_over_reference_{name}", ref, fused, what + "; A = SNN with the reference loop")]
 
 
@@ -106,16 +101,24 @@ def if_over_copy(device, repeats, batch=8, T=2 ** BIT - 1):
 
 
 def quant_over_fp_train(device, repeats, batch=16):
-    """(c) training step of the 2-bit demo UNet / of the full-precision one (same batch)."""
+    """(c) training step of the 2-bit demo UNet / of the full-precision one (same batch).
+
+    Two rows: the quantizers fused (``--kernels=auto``, as the flagfiles run) and one by one.
+    """
     steps = {}
-    for bit in (BIT, 32):
+    for bit, kernels in ((32, "reference"), (BIT, "auto"), (BIT, "reference")):
         torch.manual_seed(0)
-        trainer = GaussianDiffusionTrainer(UNet(bit=bit, **DEMO), 1e-4, 0.02, 1000).to(device).train()
+        unet = set_kernels(UNet(bit=bit, **DEMO), kernels)
+        trainer = GaussianDiffusionTrainer(unet, 1e-4, 0.02, 1000).to(device).train()
         optim = torch.optim.Adam(trainer.parameters(), lr=1e-4)
         x_0 = torch.randn(batch, 3, 32, 32, device=device)
-        steps[bit] = _train_step(trainer, optim, x_0)
-    a, b = paired_medians(steps[32], steps[BIT], repeats, device)
-    return row("quant_over_fp_train", a, b, f"demo UNet, batch {batch}, forward+backward+Adam; A = full precision")
+        steps[bit, kernels] = _train_step(trainer, optim, x_0)
+        steps[bit, kernels]()  # compiles outside the timing
+    fp, fused, ref = interleaved_medians([steps[32, "reference"], steps[BIT, "auto"], steps[BIT, "reference"]],
+                                         repeats, device)
+    what = f"demo UNet, batch {batch}, forward+backward+Adam; A = full precision"
+    return [row("quant_over_fp_train", fp, fused, what + "; quantizer fused (--kernels=auto)"),
+            row("quant_over_fp_train_reference", fp, ref, what + "; quantizer reference")]
 
 
 def _train_step(trainer, optim, x_0):

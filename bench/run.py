@@ -6,7 +6,7 @@ Prints a table and writes the same figures to ``bench/results.json`` (atomically
 
     snn_over_T_ann_{demo,cifar10}  SNN forward / (T x quantized-ANN forward), reference neurons
     if_over_copy_{reference,fused} IF neuron over [T, ...] / x.clone() of the same input
-    quant_over_fp_train            2-bit training step / full-precision training step (demo UNet)
+    quant_over_fp_train            2-bit training step (fused quantizers) / full-precision step (demo UNet)
     ddim100_over_ddpm1000          DDIM 100 steps / ancestral 1000 steps, sampling wall time
     ddp2_over_1                    images/s of ANN_train.py under torchrun (2 processes) / 1 process
 
@@ -14,11 +14,9 @@ Every ratio compares two things timed alternately (A, B, A, B, ...) after warm-u
 takes the median of each, so a machine that other work slows down slows both sides alike.
 """
 import argparse
-import json
 import os
 import platform
 import sys
-import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -27,6 +25,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from bench import measure  # noqa: E402
+from common.atomic import write_json  # noqa: E402
 
 TARGETS = {"snn_over_T_ann_demo": 1.10, "snn_over_T_ann_cifar10": 1.10, "if_over_copy_fused": 2.0,
            "quant_over_fp_train": 1.15}
@@ -49,7 +48,7 @@ def run_all(args, device):
     rows += measure.snn_over_ann("demo", measure.DEMO, 4, device, reps * 2)
     rows += measure.snn_over_ann("cifar10", measure.CIFAR10, 2, device, reps)
     rows += measure.if_over_copy(device, reps * 5, batch=4 if args.quick else 16)
-    rows.append(measure.quant_over_fp_train(device, reps, batch=8 if args.quick else 16))
+    rows += measure.quant_over_fp_train(device, reps, batch=8 if args.quick else 16)
     rows.append(measure.ddim_over_ddpm(device, quick=args.quick))
     if not args.skip_ddp:
         rows.append(measure.ddp_over_single(steps=10 if args.quick else 30, threads=args.threads))
@@ -68,16 +67,6 @@ def format_table(rows, device, threads):
         lines.append(f"{row['key']:<34} {row['ratio']:>7.3f} {'' if target is None else f'<= {target:.2f}':>7}"
                      f"  {row['a_ms']:>10.2f} {row['b_ms']:>10.2f}  {row['what']}{mark}")
     return "\n".join(lines)
-
-
-def write_json_atomic(obj, path):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".tmp", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def cpu_name():
@@ -100,7 +89,7 @@ def main(argv=None):
     results.update({"device": described, "threads": args.threads, "quick": args.quick,
                     "notes": {row["key"]: row["what"] for row in rows},
                     "times_ms": {row["key"]: [round(row["a_ms"], 3), round(row["b_ms"], 3)] for row in rows}})
-    write_json_atomic(results, args.out)
+    write_json(results, args.out)
     print(f"wrote {args.out}")
 
 

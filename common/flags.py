@@ -51,6 +51,20 @@ def define_run_flags():
     flags.DEFINE_string("logdir", None, help="log directory (default: ./logs/RELU_QUANT{bit}B_DDPM_CIFAR10_EPS)")
     flags.DEFINE_integer("seed", 0, help="random seed")
     flags.DEFINE_bool("parallel", False, help="multi-GPU training with torch.nn.DataParallel")
+    flags.DEFINE_enum("kernels", "reference", ["reference", "compile", "auto"],
+                      help="how quantized activations and IF neurons run; every choice gives the same values: "
+                           "reference = plain PyTorch operations, compile = fused torch.compile kernels (a C++ "
+                           "compiler on CPUs, Triton on GPUs; seconds to compile at start), auto = compile, "
+                           "falling back to reference if it cannot")
+
+
+def kernels():
+    """``--kernels``, except under ``--parallel``: DataParallel's replica threads run the reference."""
+    if FLAGS.parallel and FLAGS.kernels != "reference":
+        print(f"note: --kernels={FLAGS.kernels} is not used with --parallel (DataParallel); "
+              "torchrun runs the compiled kernels")
+        return "reference"
+    return FLAGS.kernels
 
 
 def define_sampler_flags():
@@ -60,16 +74,9 @@ def define_sampler_flags():
 
 
 def define_snn_flags():
-    flags.DEFINE_bool("sign", True, help="signed IF neurons (Fast-SNN, measured better on the demo model); "
-                      "--nosign: plain unsigned IF neurons")
-    define_neuron_backend_flag()
+    flags.DEFINE_bool("sign", False, help="--sign: Fast-SNN's signed IF neurons; --nosign (default): plain IF "
+                      "neurons, whose DDIM samples measured closer to the ANN's on the demo model (README)")
 
-
-def define_neuron_backend_flag():
-    flags.DEFINE_enum("neuron_backend", "reference", ["reference", "compile", "auto"],
-                      help="how IF neurons run their time loop; every choice gives the same spikes: reference = "
-                           "vectorised loop, compile = one torch.compile kernel (needs a C++ compiler on CPUs, "
-                           "Triton on GPUs), auto = compile, falling back to the loop if it cannot")
 
 
 def logdir():

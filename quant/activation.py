@@ -6,9 +6,16 @@ Rounding is half *up*: that is what an integrate-and-fire neuron whose membrane 
 half its threshold computes over L time steps, so the conversion of ``snn/`` is exact for a
 constant input.
 """
+import functools
+import logging
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common.compiled import check_backend, compile_elementwise, run_auto
+
+log = logging.getLogger(__name__)
 
 FULL_PRECISION = 32
 
@@ -19,39 +26,71 @@ def quantize_activation(x, alpha, levels):
     return alpha * scaled.clamp(0, levels) / levels
 
 
+def _gradient_terms(grad_y, x, alpha, y):
+    """(d loss / d x, d loss / d alpha) of the APoT rules below, elementwise then one sum."""
+    inside = (x > 0) & (x < alpha)
+    above = x >= alpha
+    grad_x = torch.where(inside, grad_y, 0.0)
+    local = torch.where(above, 1.0, torch.where(inside, (y - x) / alpha, 0.0))
+    return grad_x, (grad_y * local).sum()
+
+
+_failure = []  # the first compile error of this process: 'auto' stops trying after it
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled():
+    """The two functions above compiled (on first use: it takes seconds), for every tensor size."""
+    return compile_elementwise(quantize_activation), compile_elementwise(_gradient_terms)
+
+
+def _kernel(index, backend, *args):
+    """Function ``index`` (0: forward value, 1: gradient terms) run by ``backend``."""
+    reference = (quantize_activation, _gradient_terms)[index]
+    if backend == "reference":
+        return reference(*args)
+    if backend == "compile":
+        return _compiled()[index](*args)
+    return run_auto(lambda: _compiled()[index](*args), lambda: reference(*args), _failure,
+                    "the fused activation quantizer", log)
+
+
 class _QuantReLUFunction(torch.autograd.Function):
     """Quantizer with the APoT gradients.
 
     d y / d x     = 1 inside (0, alpha), 0 elsewhere (straight-through estimator)
     d y / d alpha = 1 where x >= alpha, (y - x) / alpha inside (0, alpha), 0 below 0
+
+    ``backend``: ``reference`` runs the operations one by one; ``compile`` fuses the forward and
+    the backward into one kernel each (the same values: inductor keeps the order of the
+    floating-point operations), ``auto`` compiles and falls back to the reference.
     """
 
     @staticmethod
-    def forward(ctx, x, alpha, levels):
-        y = quantize_activation(x, alpha, levels)
+    def forward(ctx, x, alpha, levels, backend="reference"):
+        y = _kernel(0, backend, x, alpha, levels)
         ctx.save_for_backward(x, alpha, y)
+        ctx.backend = backend
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, alpha, y = ctx.saved_tensors
-        inside = (x > 0) & (x < alpha)
-        above = x >= alpha
-        grad_x = grad_y * inside.to(grad_y.dtype)
-        local = torch.where(above, torch.ones_like(x), torch.where(inside, (y - x) / alpha, torch.zeros_like(x)))
-        grad_alpha = (grad_y * local).sum().reshape(alpha.shape)
-        return grad_x, grad_alpha, None
+        grad_x, grad_alpha = _kernel(1, ctx.backend, grad_y, x, alpha, y)
+        return grad_x, grad_alpha.reshape(alpha.shape), None, None
 
 
 class QuantReLU(nn.Module):
     """``bit``-bit quantized ReLU; ``bit = 32`` is a plain ReLU (the full-precision baseline).
 
     A quantized activation holds one learnable scalar ``act_alpha`` (the clipping threshold,
-    later the IF threshold); the full-precision one has no parameter.
+    later the IF threshold); the full-precision one has no parameter. ``backend`` (reference /
+    compile / auto, ``common.compiled``) picks how the elementwise chain runs; the values are the same.
     """
 
-    def __init__(self, bit, init_alpha=6.0):
+    def __init__(self, bit, init_alpha=6.0, backend="reference"):
         super().__init__()
+        self.backend = check_backend(backend)
         if not (1 <= int(bit) <= 8 or int(bit) == FULL_PRECISION):
             raise ValueError(f"activation bit width must be 1..8 or 32, got {bit}")
         self.bit = int(bit)
@@ -65,7 +104,7 @@ class QuantReLU(nn.Module):
     def forward(self, x):
         if self.bit == FULL_PRECISION:
             return F.relu(x)
-        return _QuantReLUFunction.apply(x, self.act_alpha, self.levels)
+        return _QuantReLUFunction.apply(x, self.act_alpha, self.levels, self.backend)
 
     def extra_repr(self):
-        return f"bit={self.bit}"
+        return f"bit={self.bit}, backend={self.backend}"

@@ -1,5 +1,5 @@
 """Integrate-and-fire neurons and the quantized ANN -> SNN conversion."""
 from snn.convert import SpikingUNet, convert, swap_activations
-from snn.neuron import IFNeuron, fold, if_spikes, set_backend, time_mean, unfold
+from snn.neuron import IFNeuron, fold, if_spikes, time_mean, unfold
 
-__all__ = ["IFNeuron", "SpikingUNet", "convert", "swap_activations", "fold", "unfold", "if_spikes", "set_backend", "time_mean"]
+__all__ = ["IFNeuron", "SpikingUNet", "convert", "swap_activations", "fold", "unfold", "if_spikes", "time_mean"]

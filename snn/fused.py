@@ -18,9 +18,9 @@ import logging
 
 import torch
 
-log = logging.getLogger(__name__)
+from common.compiled import BACKENDS, check_backend, compile_elementwise, run_auto  # noqa: F401 (re-exported)
 
-BACKENDS = ("reference", "compile", "auto")
+log = logging.getLogger(__name__)
 
 _failure = []  # the first compile error of this process: 'auto' stops trying after it
 
@@ -51,7 +51,7 @@ def _compiled_if_steps():
 
     dynamic=True: one kernel per (T, signed, dtype, device) serves every tensor size.
     """
-    return torch.compile(_if_steps, dynamic=True)
+    return compile_elementwise(_if_steps)
 
 
 def if_spikes_fused(x, theta, signed=False):
@@ -72,18 +72,5 @@ def if_spikes_auto(x, theta, signed, reference):
 
     The first failure is logged as a warning; the rest of the process uses ``reference``.
     """
-    if not _failure:
-        try:
-            return if_spikes_fused(x, theta, signed)
-        except Exception as err:  # no C++ compiler, unsupported platform, inductor bug, ...
-            _failure.append(err)
-            log.warning("the fused IF neuron could not be compiled (%s: %s); using the reference loop",
-                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
-    return reference(x, theta, signed)
-
-
-def check_backend(backend):
-    """``backend`` if it names a neuron backend, else ValueError."""
-    if backend not in BACKENDS:
-        raise ValueError(f"IF neuron backend must be one of {BACKENDS}, got {backend!r}")
-    return backend
+    return run_auto(lambda: if_spikes_fused(x, theta, signed), lambda: reference(x, theta, signed),
+                    _failure, "the fused IF neuron", log)

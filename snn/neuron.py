@@ -86,11 +86,3 @@ class IFNeuron(nn.Module):
     def extra_repr(self):
         return f"T={self.T}, signed={self.signed}, backend={self.backend}"
 
-
-def set_backend(model, backend):
-    """Make every ``IFNeuron`` of ``model`` run its time loop with ``backend``; returns ``model``."""
-    backend = fused.check_backend(backend)
-    for module in model.modules():
-        if isinstance(module, IFNeuron):
-            module.backend = backend
-    return model

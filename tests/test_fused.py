@@ -127,10 +127,11 @@ def test_reference_backend_is_the_loop():
 
 
 @needs_compiler
-def test_set_backend_switches_every_neuron_of_a_spiking_unet():
-    """--neuron_backend: a whole converted UNet gives the same output with the fused neurons."""
+def test_set_kernels_switches_every_neuron_of_a_spiking_unet():
+    """--kernels: a whole converted UNet gives the same output with the fused neurons."""
+    from common.compiled import set_kernels
     from model import UNet
-    from snn import convert, set_backend
+    from snn import convert
 
     torch.manual_seed(0)
     ann = UNet(T=100, ch=32, ch_mult=[1, 2], attn=[], num_res_blocks=1, dropout=0.0, bit=2, alpha_init=1.0).eval()
@@ -138,9 +139,54 @@ def test_set_backend_switches_every_neuron_of_a_spiking_unet():
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 70])
     with torch.no_grad():
         expected = snn(x, t)
-        assert set_backend(snn, "compile") is snn
+        assert set_kernels(snn, "compile") is snn
         neurons = [m for m in snn.modules() if isinstance(m, IFNeuron)]
         assert neurons and all(m.backend == "compile" for m in neurons)
         assert torch.equal(bits(snn(x, t)), bits(expected))
     with pytest.raises(ValueError, match="backend"):
-        set_backend(snn, "triton")
+        set_kernels(snn, "triton")
+
+
+def quantizer_inputs(alpha, levels, generator):
+    """Random values over [-alpha, 2 alpha] plus every rounding tie k * alpha / (2 L) and 0, +-alpha."""
+    random = (torch.rand(4000, generator=generator) * 3 - 1) * alpha
+    ties = torch.arange(-2, 4 * levels + 3, dtype=torch.float32) * (alpha / (2 * levels))
+    return torch.cat([random, ties, torch.tensor([0.0, -0.0, alpha, -alpha])]).reshape(-1, 1, 1, 1)
+
+
+@needs_compiler
+@pytest.mark.parametrize("bit", [1, 2, 4])
+def test_compiled_quantizer_equals_reference(bit):
+    """--kernels=compile: the fused quantizer gives the reference's values and gradients."""
+    from quant import QuantReLU
+
+    generator = torch.Generator().manual_seed(bit)
+    ref, fused = QuantReLU(bit, 1.3), QuantReLU(bit, 1.3, backend="compile")
+    x = quantizer_inputs(1.3, 2 ** bit - 1, generator)
+    grad = torch.randn(x.shape, generator=generator)
+    results = []
+    for module in (ref, fused):
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        y.backward(grad)
+        results.append((y.detach(), xi.grad, module.act_alpha.grad))
+    (y_ref, gx_ref, ga_ref), (y_fused, gx_fused, ga_fused) = results
+    assert torch.equal(bits(y_fused), bits(y_ref))
+    assert torch.equal(gx_fused, gx_ref)
+    torch.testing.assert_close(ga_fused, ga_ref, rtol=1e-5, atol=1e-5)  # a sum: the order may differ
+
+
+def test_quantizer_auto_falls_back_to_the_reference(monkeypatch):
+    from quant import QuantReLU, activation
+
+    def broken():
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(activation, "_compiled", broken)
+    monkeypatch.setattr(activation, "_failure", [])
+    x = torch.randn(64, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    y = QuantReLU(2, 1.0, backend="auto")(x)
+    y.sum().backward()
+    assert torch.equal(y, QuantReLU(2, 1.0)(x)) and len(activation._failure) == 1
+    with pytest.raises(RuntimeError, match="no compiler here"):
+        QuantReLU(2, 1.0, backend="compile")(x)

@@ -10,7 +10,7 @@ from torch.nn import init
 from common.data import load_dataset
 from diffusion import GaussianDiffusionTrainer
 from model import UNet
-from quant import QuantReLU, quantize_activation
+from quant import QuantReLU
 from snn import IFNeuron, SpikingUNet, convert, fold, if_spikes, swap_activations, time_mean, unfold
 from snn.stats import ENERGY_PER_AC_PJ, ENERGY_PER_MAC_PJ, SpikeMonitor
 
