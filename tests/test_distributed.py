@@ -1,7 +1,7 @@
-"""ANN_train.py under torchrun: two CPU processes (gloo) train one model (DESIGN §9).
+"""The scripts under torchrun: two CPU processes (gloo) (DESIGN §9).
 
-Four torchrun launches (~15-20 s each on two cores): train 3 steps, resume to 5, and a sharded
-evaluation compared with a single process.
+Six torchrun launches (~15-20 s each on two cores): train 3 steps, resume to 5, a sharded
+evaluation compared with a single process, and conversion and fine-tuning of the trained model.
 """
 import json
 import os
@@ -119,3 +119,20 @@ def tiny_initial_weights():
     torch.manual_seed(0)
     cfg = {"T": 100, "ch": 32, "ch_mult": [1], "attn": [], "num_res_blocks": 1, "dropout": 0.0, "bit": 2}
     return build_unet(cfg).state_dict()
+
+
+def test_conversion_and_finetuning_run_under_torchrun(trained, tmp_path):
+    """Stages 2 and 3 under torchrun: rank 0 writes, the other rank waits, the outputs load alone."""
+    logdir = tmp_path / "run"
+    logdir.mkdir()
+    shutil.copy(os.path.join(trained[0], "ckpt.pt"), logdir / "ckpt.pt")
+    torchrun(os.path.join(ROOT, "SNN_conversion.py"), f"--logdir={logdir}", "--sample_size=2", "--error_size=4",
+             "--batch_size=2", "--sampler=ddim", "--sample_steps=2", "--num_workers=0")
+    assert json.loads((logdir / "conversion.json").read_text())["T"] == 3
+    torchrun(os.path.join(ROOT, "SNN_ft.py"), f"--logdir={logdir}", "--dataset=shapes", "--ft_steps=2",
+             "--batch_size=4", "--val_size=4", "--sample_size=0", "--num_workers=0", "--lr=0.001")
+    out_dir = logdir / "SNN_2bit_ft"
+    model, kind, ckpt = load_model(str(out_dir / "snn_ft.pt"))
+    result = json.loads((out_dir / "finetune.json").read_text())
+    assert kind == "snn" and result["finished"]
+    assert [b["index"] for b in result["blocks"]] == list(range(len(model.blocks())))
