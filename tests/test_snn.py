@@ -202,6 +202,8 @@ def test_learned_thresholds_beat_uncalibrated(trained, signed):
         reference = ann(x_t, t)
         err = relative_error(convert(ann, signed)(x_t, t), reference)
         err_uncalibrated = relative_error(convert(uncalibrated, signed)(x_t, t), reference)
+    print(f"\n{'signed' if signed else 'unsigned'} neurons: SNN-vs-ANN noise error {err:.4f}, "
+          f"with every threshold 1: {err_uncalibrated:.4f}")  # reported with pytest -s
     assert 0 < err < err_uncalibrated, (err, err_uncalibrated)
     assert err < 0.6
 
