@@ -4,6 +4,7 @@ A script calls the ``define_*`` groups it needs at import time. Architecture and
 are stored in every checkpoint (``model_flags``); later stages rebuild the model from the
 checkpoint and refuse an explicitly given flag that contradicts it (``resolve_model_flags``).
 """
+import functools
 import os
 
 from absl import flags
@@ -58,11 +59,15 @@ def define_run_flags():
                            "falling back to reference if it cannot")
 
 
+@functools.lru_cache(maxsize=None)
+def _parallel_kernels_note(kernels):
+    print(f"note: --kernels={kernels} is not used with --parallel (DataParallel); torchrun runs the compiled kernels")
+
+
 def kernels():
     """``--kernels``, except under ``--parallel``: DataParallel's replica threads run the reference."""
     if FLAGS.parallel and FLAGS.kernels != "reference":
-        print(f"note: --kernels={FLAGS.kernels} is not used with --parallel (DataParallel); "
-              "torchrun runs the compiled kernels")
+        _parallel_kernels_note(FLAGS.kernels)  # once per process
         return "reference"
     return FLAGS.kernels
 
