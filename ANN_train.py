@@ -21,7 +21,6 @@ from common import flags as cflags
 from common.ema import update_ema
 from common.errors import UserError, run
 from common.images import save_grid
-from common.compiled import set_kernels
 from common.models import build_sampler, build_unet
 from diffusion import GaussianDiffusionTrainer
 from quant import QuantReLU
@@ -131,7 +130,7 @@ def train_step(trainer, params, optim, sched, batch):
 
 
 def setup_models(rt):
-    net_model = set_kernels(build_unet(cflags.model_flags()).to(rt.device), cflags.kernels())
+    net_model = build_unet(cflags.model_flags(), cflags.kernels()).to(rt.device)
     if FLAGS.init:
         initialised = load_init(net_model, FLAGS.init)
         if rt.is_main and initialised:

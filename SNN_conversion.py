@@ -17,7 +17,6 @@ from tqdm import tqdm
 from common import checkpoint, data, runtime
 from common import flags as cflags
 from common.atomic import write_json
-from common.compiled import set_kernels
 from common.errors import UserError, run
 from common.images import save_grid, side_by_side
 from common.models import build_sampler, build_unet
@@ -49,14 +48,14 @@ def load_ann(path, device):
     if stored["bit"] == FULL_PRECISION:
         raise UserError(f"{path} is a full-precision model (bit=32): only a quantized ANN (--bit 1..8) "
                         "converts into IF neurons; train one with ANN_train.py --bit=2 [--init {path}]")
-    ann = build_unet(stored)
+    ann = build_unet(stored, cflags.kernels())
     ann.load_state_dict(ckpt["ema_model"])
-    return set_kernels(ann.to(device).eval(), cflags.kernels()), stored, ckpt
+    return ann.to(device).eval(), stored, ckpt
 
 
 def to_snn(ann, signed):
     try:
-        return set_kernels(convert(ann, signed=signed), cflags.kernels())
+        return convert(ann, signed=signed)
     except (ValueError, TypeError) as err:
         raise UserError(f"cannot convert this model: {err}") from None
 

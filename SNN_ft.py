@@ -22,7 +22,6 @@ from tqdm import tqdm
 from common import checkpoint, data, runtime
 from common import flags as cflags
 from common.atomic import write_json
-from common.compiled import set_kernels
 from common.errors import UserError, run
 from common.images import save_grid
 from common.models import build_sampler, build_unet
@@ -69,13 +68,13 @@ def load_ann(path, device):
     # Only the architecture and diffusion flags bind; lr, batch_size, ... of stage 1 are its own.
     model_flags = {k: v for k, v in ckpt["flags"].items() if k in cflags.MODEL_FLAG_NAMES}
     stored = cflags.resolve_model_flags(model_flags, path)
-    ann = build_unet(stored)
+    ann = build_unet(stored, cflags.kernels())
     try:
         ann.load_state_dict(ckpt["ema_model"])
     except RuntimeError as err:
         raise UserError(f"{path}: the weights do not fit the model its flags describe: "
                         f"{str(err).splitlines()[0]}") from None
-    return set_kernels(ann.to(device).eval(), cflags.kernels()), stored
+    return ann.to(device).eval(), stored
 
 
 def file_digest(path):
@@ -89,7 +88,7 @@ def file_digest(path):
 
 def make_snn(ann):
     try:
-        return set_kernels(convert(ann, signed=FLAGS.sign), cflags.kernels()).eval()
+        return convert(ann, signed=FLAGS.sign).eval()
     except ValueError as err:
         raise UserError(f"cannot convert {cflags.logdir()}/ckpt.pt: {err}") from None
 

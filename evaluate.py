@@ -22,7 +22,6 @@ from tqdm import tqdm
 
 from common import runtime
 from common import flags as cflags
-from common.compiled import set_kernels
 from common.errors import UserError, run
 from common.images import save_grid
 from common.models import build_sampler
@@ -152,8 +151,7 @@ def find_ann(model_path, ckpt, logdir):
 
 def agreement(snn_images, cfg, ann_path, rt):
     """PSNR (dB) between the SNN's probe images and its ANN's from the same noise (or why not)."""
-    ann, kind, ann_ckpt = load_model(ann_path, rt.device)
-    set_kernels(ann, cflags.kernels())
+    ann, kind, ann_ckpt = load_model(ann_path, rt.device, cflags.kernels())
     arch = [k for k in cflags.MODEL_FLAG_NAMES if k in cfg and k in ann_ckpt["flags"] and k != "dataset"]
     if kind != "ann" or any(ann_ckpt["flags"][k] != cfg[k] for k in arch):
         return {"ann_path": ann_path, "agreement_note": f"{ann_path} is not the ANN of this SNN"}
@@ -232,8 +230,7 @@ def report(record, path):
 def main(argv):
     check_flags()
     rt = runtime.setup(FLAGS.seed)
-    model, kind, ckpt = load_model(FLAGS.eval_model_path, rt.device)
-    set_kernels(model, cflags.kernels())
+    model, kind, ckpt = load_model(FLAGS.eval_model_path, rt.device, cflags.kernels())
     cfg = cflags.resolve_model_flags(ckpt["flags"], FLAGS.eval_model_path)
     logdir = cflags.logdir()
     net, skipped = prepare_metrics(rt.device, cfg.get("dataset", "cifar10")) if rt.is_main else (None, None)

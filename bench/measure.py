@@ -3,7 +3,6 @@
 ``ratio = b / a``, where ``a`` is the baseline (the denominator) and ``b`` what is measured
 against it; times are medians over alternating repeats (``paired_medians``).
 """
-import copy
 import json
 import os
 import statistics
@@ -14,7 +13,6 @@ import time
 
 import torch
 
-from common.compiled import set_kernels
 from diffusion import GaussianDiffusionTrainer, make_sampler
 from model import UNet
 from snn.convert import convert
@@ -57,11 +55,6 @@ def row(key, a, b, what):
     return {"key": key, "ratio": b / a, "a_ms": a * 1e3, "b_ms": b * 1e3, "what": what}
 
 
-def with_kernels(model, backend):
-    """A copy of ``model`` whose quantizers / IF neurons run with ``backend`` (``--kernels``)."""
-    return set_kernels(copy.deepcopy(model), backend)
-
-
 @torch.no_grad()
 def snn_over_ann(name, cfg, batch, device, repeats, signed=False):
     """(a) SNN forward time / (T x quantized-ANN forward time), 32x32 images, eval mode.
@@ -71,8 +64,9 @@ def snn_over_ann(name, cfg, batch, device, repeats, signed=False):
     """
     torch.manual_seed(0)
     ann = UNet(bit=BIT, **cfg).to(device).eval()
-    snn = convert(ann, signed=signed)
-    ann_fused, snn_fused = with_kernels(ann, "auto"), with_kernels(snn, "auto")
+    ann_fused = UNet(bit=BIT, kernels="auto", **cfg).to(device).eval()
+    ann_fused.load_state_dict(ann.state_dict())
+    snn, snn_fused = convert(ann, signed=signed), convert(ann_fused, signed=signed)
     T = snn.time_steps
     x = torch.randn(batch, 3, 32, 32, device=device)
     t = torch.randint(1000, (batch,), device=device)
@@ -108,7 +102,7 @@ def quant_over_fp_train(device, repeats, batch=16):
     steps = {}
     for bit, kernels in ((32, "reference"), (BIT, "auto"), (BIT, "reference")):
         torch.manual_seed(0)
-        unet = set_kernels(UNet(bit=bit, **DEMO), kernels)
+        unet = UNet(bit=bit, kernels=kernels, **DEMO)
         trainer = GaussianDiffusionTrainer(unet, 1e-4, 0.02, 1000).to(device).train()
         optim = torch.optim.Adam(trainer.parameters(), lr=1e-4)
         x_0 = torch.randn(batch, 3, 32, 32, device=device)

@@ -43,13 +43,3 @@ def run_auto(fused_call, reference_call, failures, what, log):
                         what, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
     return reference_call()
 
-
-def set_kernels(model, backend):
-    """Run every quantized activation and IF neuron of ``model`` with ``backend``; returns ``model``."""
-    from quant import QuantReLU
-    from snn.neuron import IFNeuron
-    backend = check_backend(backend)
-    for module in model.modules():
-        if isinstance(module, (QuantReLU, IFNeuron)):
-            module.backend = backend
-    return model

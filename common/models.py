@@ -4,12 +4,13 @@ from diffusion import make_sampler
 from model import UNet
 
 
-def build_unet(cfg):
+def build_unet(cfg, kernels="reference"):
     """A ``UNet`` from a flag dict with the keys of ``common.flags.MODEL_FLAG_NAMES``."""
     try:
         return UNet(T=cfg["T"], ch=cfg["ch"], ch_mult=cfg["ch_mult"], attn=cfg["attn"],
                     num_res_blocks=cfg["num_res_blocks"], dropout=cfg["dropout"],
-                    bit=cfg["bit"], wbit=cfg.get("wbit", 32), alpha_init=cfg.get("alpha_init", 6.0))
+                    bit=cfg["bit"], wbit=cfg.get("wbit", 32), alpha_init=cfg.get("alpha_init", 6.0),
+                    kernels=kernels)
     except ValueError as err:
         raise UserError(str(err)) from None
 

@@ -122,12 +122,13 @@ class UNet(nn.Module):
     forward(x [B, 3, H, W], t [B] int64) -> [B, 3, H, W].
     ``wbit < 32`` quantizes the weights of every conv and linear layer but the first and the
     last (APoT); ``alpha_init`` is the initial clipping threshold of every quantized activation
-    (a trained value comes with the state dict); ``attn`` lists the resolution levels with self-attention and is only accepted
+    (a trained value comes with the state dict); ``kernels``
+    (reference / compile / auto, ``common.compiled``) is how the quantizers run, with the same values; ``attn`` lists the resolution levels with self-attention and is only accepted
     for the full-precision baseline, since attention has no integrate-and-fire equivalent.
     """
 
     def __init__(self, T, ch, ch_mult, attn, num_res_blocks, dropout, bit=FULL_PRECISION,
-                 wbit=FULL_PRECISION, alpha_init=6.0):
+                 wbit=FULL_PRECISION, alpha_init=6.0, kernels="reference"):
         super().__init__()
         attn = list(attn or [])
         ch_mult = list(ch_mult)
@@ -144,7 +145,8 @@ class UNet(nn.Module):
         self.config = dict(T=int(T), ch=int(ch), ch_mult=ch_mult, attn=attn, num_res_blocks=int(num_res_blocks),
                            dropout=float(dropout), bit=int(bit), wbit=int(wbit))
         self.bit = int(bit)
-        act = partial(QuantReLU, bit, init_alpha=alpha_init)
+        self.kernels = kernels
+        act = partial(QuantReLU, bit, init_alpha=alpha_init, backend=kernels)
         conv = partial(QConv2d, wbit=wbit)
         linear = partial(QLinear, wbit=wbit)
         block = partial(ResBlock, dropout=dropout, act=act, conv=conv, linear=linear)

@@ -30,7 +30,7 @@ class SpikingUNet(UNet):
             raise ValueError("a full-precision (--bit=32) UNet has no quantized activations to convert")
         self.time_steps = 2 ** self.bit - 1
         self.signed = bool(signed)
-        swap_activations(self, lambda q: IFNeuron(self.time_steps, q.act_alpha.item(), self.signed))
+        swap_activations(self, lambda q: IFNeuron(self.time_steps, q.act_alpha.item(), self.signed, q.backend))
 
     def forward(self, x, t):
         T = self.time_steps
@@ -49,7 +49,7 @@ def convert(ann, signed=True):
         raise TypeError(f"convert expects a UNet, got {type(ann).__name__}")
     if ann.config["attn"]:
         raise ValueError("a UNet with attention cannot be converted: attention has no IF-neuron equivalent")
-    snn = SpikingUNet(signed=signed, **ann.config)
+    snn = SpikingUNet(signed=signed, kernels=ann.kernels, **ann.config)
     snn.load_state_dict(ann.state_dict())
     device = next(ann.parameters()).device
     return snn.to(device).train(ann.training)

@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from common.compiled import BACKENDS, check_backend, compile_elementwise, run_auto  # noqa: F401 (re-exported)
+from common.compiled import compile_elementwise, run_auto
 
 log = logging.getLogger(__name__)
 

@@ -16,24 +16,28 @@ def save_snn(path, snn_model, flags, **extra):
     checkpoint.save_atomic(snn_state(snn_model, flags, **extra), path)
 
 
-def build_snn(flags, signed):
+def build_snn(flags, signed, kernels="reference"):
     try:
         return SpikingUNet(signed=signed, T=flags["T"], ch=flags["ch"], ch_mult=flags["ch_mult"],
                            attn=flags["attn"], num_res_blocks=flags["num_res_blocks"],
-                           dropout=flags["dropout"], bit=flags["bit"], wbit=flags.get("wbit", 32))
+                           dropout=flags["dropout"], bit=flags["bit"], wbit=flags.get("wbit", 32),
+                           kernels=kernels)
     except ValueError as err:
         raise UserError(str(err)) from None
 
 
-def load_model(path, device="cpu"):
+def load_model(path, device="cpu", kernels="reference"):
     """Any checkpoint of the project as an eval-mode model: (model, kind, ckpt).
 
     ``kind`` is ``'snn'`` (converted or fine-tuned SNN: a ``SpikingUNet``) or ``'ann'`` (a
-    training ``ckpt.pt``: its EMA ``UNet``).
+    training ``ckpt.pt``: its EMA ``UNet``); ``kernels`` as for ``UNet``.
     """
     ckpt = checkpoint.load_checkpoint(path)
     kind = checkpoint.checkpoint_kind(ckpt)
-    model = build_snn(ckpt["flags"], ckpt["signed"]) if kind == "snn" else build_unet(ckpt["flags"])
+    if kind == "snn":
+        model = build_snn(ckpt["flags"], ckpt["signed"], kernels)
+    else:
+        model = build_unet(ckpt["flags"], kernels)
     try:
         model.load_state_dict(ckpt["ema_model"])
     except RuntimeError as err:

@@ -6,6 +6,7 @@ Tensors are time-major and folded into the batch, ``[T*B, ...]``; a neuron unfol
 import torch
 import torch.nn as nn
 
+from common.compiled import check_backend
 from snn import fused
 
 
@@ -76,7 +77,7 @@ class IFNeuron(nn.Module):
         super().__init__()
         self.T = int(T)
         self.signed = bool(signed)
-        self.backend = fused.check_backend(backend)
+        self.backend = check_backend(backend)
         self.act_alpha = nn.Parameter(torch.as_tensor(float(alpha)))
 
     def forward(self, x):

@@ -127,24 +127,28 @@ def test_reference_backend_is_the_loop():
 
 
 @needs_compiler
-def test_set_kernels_switches_every_neuron_of_a_spiking_unet():
-    """--kernels: a whole converted UNet gives the same output with the fused neurons."""
-    from common.compiled import set_kernels
+def test_kernels_chosen_at_construction_reach_every_quantizer_and_neuron():
+    """--kernels: a UNet built with compiled kernels, and the SNN converted from it, compute what
+    the reference-built ones compute."""
     from model import UNet
+    from quant import QuantReLU
     from snn import convert
 
     torch.manual_seed(0)
-    ann = UNet(T=100, ch=32, ch_mult=[1, 2], attn=[], num_res_blocks=1, dropout=0.0, bit=2, alpha_init=1.0).eval()
-    snn = convert(ann, signed=True)
+    cfg = dict(T=100, ch=32, ch_mult=[1, 2], attn=[], num_res_blocks=1, dropout=0.0, bit=2, alpha_init=1.0)
+    ann = UNet(**cfg).eval()
+    ann_fused = UNet(kernels="compile", **cfg).eval()
+    ann_fused.load_state_dict(ann.state_dict())
+    snn, snn_fused = convert(ann, signed=True), convert(ann_fused, signed=True)
+    assert all(m.backend == "compile" for m in ann_fused.modules() if isinstance(m, QuantReLU))
+    neurons = [m for m in snn_fused.modules() if isinstance(m, IFNeuron)]
+    assert neurons and all(m.backend == "compile" for m in neurons)
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 70])
     with torch.no_grad():
-        expected = snn(x, t)
-        assert set_kernels(snn, "compile") is snn
-        neurons = [m for m in snn.modules() if isinstance(m, IFNeuron)]
-        assert neurons and all(m.backend == "compile" for m in neurons)
-        assert torch.equal(bits(snn(x, t)), bits(expected))
+        assert torch.equal(bits(ann_fused(x, t)), bits(ann(x, t)))
+        assert torch.equal(bits(snn_fused(x, t)), bits(snn(x, t)))
     with pytest.raises(ValueError, match="backend"):
-        set_kernels(snn, "triton")
+        UNet(kernels="triton", **cfg)
 
 
 def quantizer_inputs(alpha, levels, generator):

@@ -1,6 +1,8 @@
 """ANN_train.py end to end on tiny settings: checkpoints, resume, --init, user errors."""
 import os
+import shutil
 
+import pytest
 import torch
 
 from common.checkpoint import load_checkpoint
@@ -89,3 +91,16 @@ def test_bad_flags_are_one_line():
     for args, fragment in [(["--flagfile=missing.txt"], "missing.txt"), (["--no_such_flag=1"], "no_such_flag"),
                            (["--bit=9"], "--bit"), (["--ch=48"], "--ch")]:
         assert_one_line_error(run_script("ANN_train.py", *args, check=False), fragment)
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_kernels_train_the_same_model(tmp_path):
+    """--kernels=compile fuses the quantizers' forward and backward: the same training run, up to
+    the order of the act_alpha gradient's sum."""
+    models = {}
+    for kernels in ("reference", "compile"):
+        train_tiny(str(tmp_path / kernels), 2, f"--kernels={kernels}")
+        models[kernels] = load_checkpoint(str(tmp_path / kernels / "ckpt.pt"))["net_model"]
+    for name, value in models["reference"].items():
+        torch.testing.assert_close(models["compile"][name], value, rtol=1e-4, atol=1e-6, msg=name)
