@@ -14,6 +14,7 @@ from torchvision import datasets, transforms
 from common.errors import UserError
 
 SHAPES_SIZE = 16384
+SHAPES_TEST_SIZE = 2048  # held out: images SHAPES_SIZE .. SHAPES_SIZE + SHAPES_TEST_SIZE - 1
 _PALETTE = np.array([
     [230, 57, 70], [241, 250, 238], [168, 218, 220], [69, 123, 157], [29, 53, 87],
     [255, 183, 3], [251, 133, 0], [42, 157, 143], [38, 70, 83], [233, 196, 106],
@@ -53,19 +54,24 @@ def draw_shape(index, size=32):
 
 
 class ShapesDataset(Dataset):
-    """The embedded synthetic dataset: ``length`` images drawn on demand by ``draw_shape``."""
+    """The embedded synthetic dataset: ``length`` images drawn on demand by ``draw_shape``,
+    from image number ``first`` on (the training set starts at 0, the held-out set after it)."""
 
-    def __init__(self, length=SHAPES_SIZE, img_size=32, transform=None):
+    def __init__(self, length=SHAPES_SIZE, img_size=32, transform=None, first=0):
         self.length = length
         self.img_size = img_size
         self.transform = transform
+        self.first = first
 
     def __len__(self):
         return self.length
 
     def __getitem__(self, index):
-        img = Image.fromarray(draw_shape(index, self.img_size))
-        return (self.transform(img) if self.transform else img), index % len(SHAPE_CLASSES)
+        if not 0 <= index < self.length:
+            raise IndexError(f"image {index} of a dataset of {self.length}")
+        number = self.first + index
+        img = Image.fromarray(draw_shape(number, self.img_size))
+        return (self.transform(img) if self.transform else img), number % len(SHAPE_CLASSES)
 
 
 class _CIFAR10Folder(datasets.CIFAR10):
@@ -90,10 +96,15 @@ def train_transform(img_size, flip=True):
 
 
 def load_dataset(name, data_dir, img_size=32, flip=True, train=True):
-    """The dataset ``name`` (``cifar10`` or ``shapes``) yielding (image [3, H, W] in [-1, 1], label)."""
+    """The dataset ``name`` (``cifar10`` or ``shapes``) yielding (image [3, H, W] in [-1, 1], label).
+
+    ``train=False``: the held-out images (CIFAR-10's test batch, the shapes after the training ones).
+    """
     transform = train_transform(img_size, flip)
     if name == "shapes":
-        return ShapesDataset(img_size=img_size, transform=transform)
+        if train:
+            return ShapesDataset(SHAPES_SIZE, img_size, transform)
+        return ShapesDataset(SHAPES_TEST_SIZE, img_size, transform, first=SHAPES_SIZE)
     if name != "cifar10":
         raise UserError(f"unknown dataset {name!r}: use cifar10 or shapes")
     try:

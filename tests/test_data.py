@@ -32,6 +32,18 @@ def test_shapes_dataset_range_and_flip():
     assert {tuple(unflipped[0, 0, :4].tolist()), tuple(flipped[0, 0, :4].tolist())} >= views
 
 
+def test_held_out_shapes_are_images_training_never_sees():
+    train = data.load_dataset("shapes", None, img_size=32, flip=False)
+    held_out = data.load_dataset("shapes", None, img_size=32, flip=False, train=False)
+    assert len(train) == data.SHAPES_SIZE and len(held_out) == data.SHAPES_TEST_SIZE
+    expected = torch.from_numpy(data.draw_shape(data.SHAPES_SIZE + 5)).permute(2, 0, 1).float() / 127.5 - 1
+    x, label = held_out[5]
+    torch.testing.assert_close(x, expected)
+    assert label == (data.SHAPES_SIZE + 5) % len(data.SHAPE_CLASSES)
+    with pytest.raises(IndexError):
+        held_out[data.SHAPES_TEST_SIZE]
+
+
 def test_shapes_can_be_resized():
     x, _ = data.load_dataset("shapes", None, img_size=16)[0]
     assert x.shape == (3, 16, 16)
