@@ -16,7 +16,12 @@ from common.errors import UserError
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_DIM, PROB_DIM = 2048, 1008   # pool3 features (FID) and the 1008-way softmax (IS)
-STATS_COMMAND = "python compute_fid_stats.py --dataset={dataset} --data_dir=./data --out={path}"
+
+
+def stats_command(dataset, path):
+    """The command that computes the FID statistics file ``path`` of ``dataset``."""
+    data_dir = " --data_dir=./data" if dataset == "cifar10" else ""  # the shapes are drawn in code
+    return f"python compute_fid_stats.py --dataset={dataset}{data_dir} --out={path}"
 
 
 def weights_path():
@@ -120,7 +125,7 @@ def check_stats(path, dataset="cifar10"):
     """Raise a ``UserError`` naming the statistics command when ``path`` is absent."""
     if not os.path.isfile(path):
         raise UserError(f"no FID statistics at {path}; compute them with: "
-                        f"{STATS_COMMAND.format(dataset=dataset, path=path)}")
+                        f"{stats_command(dataset, path)}")
 
 
 def load_stats(path):
