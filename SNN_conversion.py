@@ -14,16 +14,15 @@ import torch
 from absl import flags
 from tqdm import tqdm
 
-from common import checkpoint, data, runtime
+from common import data, runtime
 from common import flags as cflags
 from common.atomic import write_json
 from common.errors import UserError, run
 from common.images import save_grid, side_by_side
-from common.models import build_sampler, build_unet
+from common.models import build_sampler
 from diffusion import GaussianDiffusionTrainer
-from quant import FULL_PRECISION
 from snn import convert
-from snn.io import save_snn
+from snn.io import load_training_ann, save_snn
 from snn.stats import SpikeMonitor
 
 cflags.define_model_flags()
@@ -35,22 +34,6 @@ flags.DEFINE_integer("sample_size", 64, help="images in the ANN and SNN sample g
 flags.DEFINE_integer("error_size", 64, help="(x_t, t) pairs, t spread over the diffusion range, for the error")
 flags.DEFINE_integer("batch_size", 64, help="batch of the error and statistics forward passes")
 FLAGS = flags.FLAGS
-
-
-def load_ann(path, device):
-    """The EMA quantized UNet of the training checkpoint ``path`` and its stored flags."""
-    ckpt = checkpoint.load_checkpoint(path)
-    if checkpoint.checkpoint_kind(ckpt) != "ann":
-        raise UserError(f"{path} is already an SNN checkpoint; stage 2 converts a training ckpt.pt")
-    # only the architecture/diffusion flags: the stored training flags (seed, batch_size) are not ours
-    model_keys = [name for name in cflags.MODEL_FLAG_NAMES if name in ckpt["flags"]]
-    stored = cflags.resolve_model_flags({name: ckpt["flags"][name] for name in model_keys}, path)
-    if stored["bit"] == FULL_PRECISION:
-        raise UserError(f"{path} is a full-precision model (bit=32): only a quantized ANN (--bit 1..8) "
-                        "converts into IF neurons; train one with ANN_train.py --bit=2 [--init {path}]")
-    ann = build_unet(stored, cflags.kernels())
-    ann.load_state_dict(ckpt["ema_model"])
-    return ann.to(device).eval(), stored, ckpt
 
 
 def to_snn(ann, signed):
@@ -124,7 +107,7 @@ def sample_grids(ann, snn, stored, device, folder):
 def convert_and_measure(logdir, device):
     start = time.time()
     ckpt_path = os.path.join(logdir, "ckpt.pt")
-    ann, stored, ckpt = load_ann(ckpt_path, device)
+    ann, stored, ckpt = load_training_ann(ckpt_path, device, cflags.kernels(), cflags.resolve_model_flags)
     step = ckpt.get("step")
     snn = to_snn(ann, FLAGS.sign)
     snn_path = os.path.join(logdir, "converted_snn.pt")

@@ -24,11 +24,11 @@ from common import flags as cflags
 from common.atomic import write_json
 from common.errors import UserError, run
 from common.images import save_grid
-from common.models import build_sampler, build_unet
+from common.models import build_sampler
 from diffusion import GaussianDiffusionTrainer
 from snn import finetune
 from snn.convert import convert
-from snn.io import save_snn
+from snn.io import load_training_ann, save_snn
 
 cflags.define_model_flags()
 cflags.define_data_flags()
@@ -55,26 +55,6 @@ def settings():
     names = ("lr", "ft_steps", "batch_size", "grad_clip", "val_size", "seed")
     source = os.path.join(cflags.logdir(), "ckpt.pt")
     return {**{name: FLAGS[name].value for name in names}, "signed": FLAGS.sign, "source_sha256": file_digest(source)}
-
-
-def load_ann(path, device):
-    """The frozen target: the quantized EMA UNet of the training checkpoint; returns (ann, flags)."""
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: train the quantized ANN first (ANN_train.py) "
-                        "or point --logdir at the folder that holds its ckpt.pt")
-    ckpt = checkpoint.load_checkpoint(path)
-    if checkpoint.checkpoint_kind(ckpt) != "ann":
-        raise UserError(f"{path} is an SNN checkpoint; fine-tuning starts from the training ckpt.pt")
-    # Only the architecture and diffusion flags bind; lr, batch_size, ... of stage 1 are its own.
-    model_flags = {k: v for k, v in ckpt["flags"].items() if k in cflags.MODEL_FLAG_NAMES}
-    stored = cflags.resolve_model_flags(model_flags, path)
-    ann = build_unet(stored, cflags.kernels())
-    try:
-        ann.load_state_dict(ckpt["ema_model"])
-    except RuntimeError as err:
-        raise UserError(f"{path}: the weights do not fit the model its flags describe: "
-                        f"{str(err).splitlines()[0]}") from None
-    return ann.to(device).eval(), stored
 
 
 def file_digest(path):
@@ -268,7 +248,8 @@ def check_flags():
 
 def setup(rt):
     """Models, data and the fixed batches: (ann, snn, stored, dataset, trainer, val_batch, x_T)."""
-    ann, stored = load_ann(os.path.join(cflags.logdir(), "ckpt.pt"), rt.device)
+    ann, stored, _ = load_training_ann(os.path.join(cflags.logdir(), "ckpt.pt"), rt.device, cflags.kernels(),
+                                       cflags.resolve_model_flags)
     check_flags()
     snn = make_snn(ann)
     dataset = data.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.img_size)

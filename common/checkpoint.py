@@ -19,6 +19,16 @@ def save_atomic(obj, path):
         torch.save(obj, f)
 
 
+def load_weights(model, state, path):
+    """``model.load_state_dict(state)`` (strict); weights that do not fit are a ``UserError`` naming ``path``."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise UserError(f"{path}: the weights do not fit the model its flags describe: "
+                        f"{str(err).splitlines()[0]}") from None
+    return model
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint dict; a missing, truncated or foreign file is a ``UserError``."""
     if not os.path.isfile(path):

@@ -83,7 +83,6 @@ def define_snn_flags():
                       "neurons, whose DDIM samples measured closer to the ANN's on the demo model (README)")
 
 
-
 def logdir():
     """``--logdir``, or the seed's default name for ``--bit``."""
     return FLAGS.logdir or os.path.join(".", "logs", f"RELU_QUANT{FLAGS.bit}B_DDPM_CIFAR10_EPS")
