@@ -22,6 +22,20 @@ _PALETTE = np.array([
 SHAPE_CLASSES = ("disk", "square", "ring", "stripes", "diagonal", "cross")
 
 
+def _attributes(rng, index):
+    """The first draws of image ``index``'s generator: (shape class, foreground colour, background colour)."""
+    bg, fg = rng.choice(len(_PALETTE), size=2, replace=False)
+    return index % len(SHAPE_CLASSES), int(fg), int(bg)
+
+
+def shape_attributes(index):
+    """(shape class in 0..5, foreground colour in 0..9, background colour in 0..9) of image ``index``.
+
+    The labels ``draw_shape`` draws the image from; the two colours always differ.
+    """
+    return _attributes(np.random.default_rng(index), index)
+
+
 def draw_shape(index, size=32):
     """Image ``index`` of the embedded dataset: [size, size, 3] uint8, the same on every machine.
 
@@ -30,8 +44,8 @@ def draw_shape(index, size=32):
     scale. Class ``index % 6``; everything else comes from a generator seeded by ``index``.
     """
     rng = np.random.default_rng(index)
-    kind = SHAPE_CLASSES[index % len(SHAPE_CLASSES)]
-    bg, fg = rng.choice(len(_PALETTE), size=2, replace=False)
+    label, fg, bg = _attributes(rng, index)
+    kind = SHAPE_CLASSES[label]
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / (size - 1)
     cy, cx = rng.uniform(0.3, 0.7, size=2)
     r = rng.uniform(0.15, 0.3)
