@@ -38,7 +38,7 @@ FLAGS = flags.FLAGS
 
 def to_snn(ann, signed):
     try:
-        return convert(ann, signed=signed)
+        return convert(ann, neuron="signed" if signed else "if")
     except (ValueError, TypeError) as err:
         raise UserError(f"cannot convert this model: {err}") from None
 
@@ -112,13 +112,13 @@ def convert_and_measure(logdir, device):
     snn = to_snn(ann, FLAGS.sign)
     snn_path = os.path.join(logdir, "converted_snn.pt")
     save_snn(snn_path, snn, ckpt["flags"], source=os.path.abspath(ckpt_path), step=step)
-    print(f"converted {ckpt_path} (bit={snn.bit}, T={snn.time_steps}, signed={snn.signed}) -> {snn_path}")
+    print(f"converted {ckpt_path} (bit={snn.bit}, T={snn.time_steps}, neuron={snn.neuron}) -> {snn_path}")
     ann_run, snn_run = runtime.data_parallel(ann, FLAGS.parallel), runtime.data_parallel(snn, FLAGS.parallel)
     ann_x, snn_x = sample_grids(ann_run, snn_run, stored, device, os.path.join(logdir, "images"))
     x_0 = clean_images(stored, FLAGS.error_size, ann_x)
     error, by_t, stats = noise_errors(ann_run, snn_run, stored, x_0, device)
     result = {
-        "bit": snn.bit, "T": snn.time_steps, "signed": snn.signed, "source": os.path.abspath(ckpt_path),
+        "bit": snn.bit, "T": snn.time_steps, "signed": snn.neuron == "signed", "source": os.path.abspath(ckpt_path),
         "step": step, "snn_checkpoint": os.path.abspath(snn_path),
         "noise_relative_error": error, "noise_relative_error_by_t": by_t, "error_size": FLAGS.error_size,
         "sample_relative_error": float((snn_x - ann_x).norm() / ann_x.norm()),

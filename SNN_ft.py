@@ -68,7 +68,7 @@ def file_digest(path):
 
 def make_snn(ann):
     try:
-        return convert(ann, signed=FLAGS.sign).eval()
+        return convert(ann, neuron="signed" if FLAGS.sign else "if").eval()
     except ValueError as err:
         raise UserError(f"cannot convert {cflags.logdir()}/ckpt.pt: {err}") from None
 

@@ -66,7 +66,8 @@ def snn_over_ann(name, cfg, batch, device, repeats, signed=False):
     ann = UNet(bit=BIT, **cfg).to(device).eval()
     ann_fused = UNet(bit=BIT, kernels="auto", **cfg).to(device).eval()
     ann_fused.load_state_dict(ann.state_dict())
-    snn, snn_fused = convert(ann, signed=signed), convert(ann_fused, signed=signed)
+    kind = "signed" if signed else "if"
+    snn, snn_fused = convert(ann, kind), convert(ann_fused, kind)
     T = snn.time_steps
     x = torch.randn(batch, 3, 32, 32, device=device)
     t = torch.randint(1000, (batch,), device=device)
@@ -85,12 +86,12 @@ def if_over_copy(device, repeats, batch=8, T=2 ** BIT - 1):
     x = torch.randn(T, batch, 32, 32, 32, device=device) * 0.5
     theta = torch.tensor(0.7, device=device)
     rows = []
-    for backend, signed in (("reference", False), ("auto", False), ("reference", True), ("auto", True)):
-        spike_train(x, theta, signed, backend)  # compiles once, outside the timing
-        a, b = paired_medians(lambda: x.clone(), lambda: spike_train(x, theta, signed, backend), repeats, device)
-        key = "if_over_copy_" + ("reference" if backend == "reference" else "fused") + ("_signed" if signed else "")
-        rows.append(row(key, a, b, f"[{T}, {batch}, 32, 32, 32] float32, {'signed' if signed else 'unsigned'}, "
-                                   f"backend={backend}; A = x.clone()"))
+    for kernels, kind in (("reference", "if"), ("auto", "if"), ("reference", "signed"), ("auto", "signed")):
+        spike_train(x, theta, kind, kernels)  # compiles once, outside the timing
+        a, b = paired_medians(lambda: x.clone(), lambda: spike_train(x, theta, kind, kernels), repeats, device)
+        key = "if_over_copy_" + ("reference" if kernels == "reference" else "fused") + ("_signed" if kind == "signed" else "")
+        rows.append(row(key, a, b, f"[{T}, {batch}, 32, 32, 32] float32, {kind} neurons, "
+                                   f"kernels={kernels}; A = x.clone()"))
     return rows
 
 

@@ -3,14 +3,14 @@
 Quantized activations and IF neurons are chains of elementwise operations; run one by one, each
 is a full pass over memory. ``torch.compile`` (inductor) fuses a chain into one kernel:
 vectorised C++ on CPUs (a C++ compiler is needed) and Triton on GPUs. Each such kernel has a
-plain PyTorch reference next to it; backends are ``reference``, ``compile`` and ``auto``
+plain PyTorch reference next to it; the choices (``--kernels``) are ``reference``, ``compile`` and ``auto``
 (compile, falling back to the reference for the rest of the process after one warning).
 """
 import logging
 
 import torch
 
-BACKENDS = ("reference", "compile", "auto")
+KERNELS = ("reference", "compile", "auto")
 
 
 def compile_elementwise(fn):
@@ -22,11 +22,11 @@ def compile_elementwise(fn):
     return torch.compile(fn, dynamic=True)
 
 
-def check_backend(backend):
-    """``backend`` if it names a kernel backend, else ValueError."""
-    if backend not in BACKENDS:
-        raise ValueError(f"kernel backend must be one of {BACKENDS}, got {backend!r}")
-    return backend
+def check_kernels(kernels):
+    """``kernels`` if it names a kernel choice, else ValueError."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    return kernels
 
 
 def run_auto(fused_call, reference_call, failures, what, log):

@@ -146,7 +146,7 @@ class UNet(nn.Module):
                            dropout=float(dropout), bit=int(bit), wbit=int(wbit))
         self.bit = int(bit)
         self.kernels = kernels
-        act = partial(QuantReLU, bit, init_alpha=alpha_init, backend=kernels)
+        act = partial(QuantReLU, bit, init_alpha=alpha_init, kernels=kernels)
         conv = partial(QConv2d, wbit=wbit)
         linear = partial(QLinear, wbit=wbit)
         block = partial(ResBlock, dropout=dropout, act=act, conv=conv, linear=linear)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.compiled import check_backend, compile_elementwise, run_auto
+from common.compiled import check_kernels, compile_elementwise, run_auto
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +44,12 @@ def _compiled():
     return compile_elementwise(quantize_activation), compile_elementwise(_gradient_terms)
 
 
-def _kernel(index, backend, *args):
-    """Function ``index`` (0: forward value, 1: gradient terms) run by ``backend``."""
+def _kernel(index, kernels, *args):
+    """Function ``index`` (0: forward value, 1: gradient terms) run by ``kernels``."""
     reference = (quantize_activation, _gradient_terms)[index]
-    if backend == "reference":
+    if kernels == "reference":
         return reference(*args)
-    if backend == "compile":
+    if kernels == "compile":
         return _compiled()[index](*args)
     return run_auto(lambda: _compiled()[index](*args), lambda: reference(*args), _failure,
                     "the fused activation quantizer", log)
@@ -61,22 +61,22 @@ class _QuantReLUFunction(torch.autograd.Function):
     d y / d x     = 1 inside (0, alpha), 0 elsewhere (straight-through estimator)
     d y / d alpha = 1 where x >= alpha, (y - x) / alpha inside (0, alpha), 0 below 0
 
-    ``backend``: ``reference`` runs the operations one by one; ``compile`` fuses the forward and
+    ``kernels``: ``reference`` runs the operations one by one; ``compile`` fuses the forward and
     the backward into one kernel each (the same values: inductor keeps the order of the
     floating-point operations), ``auto`` compiles and falls back to the reference.
     """
 
     @staticmethod
-    def forward(ctx, x, alpha, levels, backend="reference"):
-        y = _kernel(0, backend, x, alpha, levels)
+    def forward(ctx, x, alpha, levels, kernels="reference"):
+        y = _kernel(0, kernels, x, alpha, levels)
         ctx.save_for_backward(x, alpha, y)
-        ctx.backend = backend
+        ctx.kernels = kernels
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, alpha, y = ctx.saved_tensors
-        grad_x, grad_alpha = _kernel(1, ctx.backend, grad_y, x, alpha, y)
+        grad_x, grad_alpha = _kernel(1, ctx.kernels, grad_y, x, alpha, y)
         return grad_x, grad_alpha.reshape(alpha.shape), None, None
 
 
@@ -84,13 +84,13 @@ class QuantReLU(nn.Module):
     """``bit``-bit quantized ReLU; ``bit = 32`` is a plain ReLU (the full-precision baseline).
 
     A quantized activation holds one learnable scalar ``act_alpha`` (the clipping threshold,
-    later the IF threshold); the full-precision one has no parameter. ``backend`` (reference /
+    later the IF threshold); the full-precision one has no parameter. ``kernels`` (reference /
     compile / auto, ``common.compiled``) picks how the elementwise chain runs; the values are the same.
     """
 
-    def __init__(self, bit, init_alpha=6.0, backend="reference"):
+    def __init__(self, bit, init_alpha=6.0, kernels="reference"):
         super().__init__()
-        self.backend = check_backend(backend)
+        self.kernels = check_kernels(kernels)
         if not (1 <= int(bit) <= 8 or int(bit) == FULL_PRECISION):
             raise ValueError(f"activation bit width must be 1..8 or 32, got {bit}")
         self.bit = int(bit)
@@ -104,7 +104,7 @@ class QuantReLU(nn.Module):
     def forward(self, x):
         if self.bit == FULL_PRECISION:
             return F.relu(x)
-        return _QuantReLUFunction.apply(x, self.act_alpha, self.levels, self.backend)
+        return _QuantReLUFunction.apply(x, self.act_alpha, self.levels, self.kernels)
 
     def extra_repr(self):
-        return f"bit={self.bit}, backend={self.backend}"
+        return f"bit={self.bit}, kernels={self.kernels}"

@@ -24,13 +24,13 @@ class SpikingUNet(UNet):
     the mean over T. Parameter names are those of the ANN.
     """
 
-    def __init__(self, signed=True, **config):
+    def __init__(self, neuron="if", **config):
         super().__init__(**config)
         if self.bit == FULL_PRECISION:
             raise ValueError("a full-precision (--bit=32) UNet has no quantized activations to convert")
         self.time_steps = 2 ** self.bit - 1
-        self.signed = bool(signed)
-        swap_activations(self, lambda q: IFNeuron(self.time_steps, q.act_alpha.item(), self.signed, q.backend))
+        self.neuron = neuron
+        swap_activations(self, lambda q: IFNeuron(self.time_steps, q.act_alpha.item(), neuron, q.kernels))
 
     def forward(self, x, t):
         T = self.time_steps
@@ -38,7 +38,7 @@ class SpikingUNet(UNet):
         return time_mean(out, T)
 
 
-def convert(ann, signed=True):
+def convert(ann, neuron="if"):
     """A spiking copy of the quantized UNet ``ann`` (bit < 32, no attention).
 
     The copy sits on ``ann``'s device, in ``ann``'s train/eval mode; ``ann`` is left unchanged.
@@ -49,7 +49,7 @@ def convert(ann, signed=True):
         raise TypeError(f"convert expects a UNet, got {type(ann).__name__}")
     if ann.config["attn"]:
         raise ValueError("a UNet with attention cannot be converted: attention has no IF-neuron equivalent")
-    snn = SpikingUNet(signed=signed, kernels=ann.kernels, **ann.config)
+    snn = SpikingUNet(neuron=neuron, kernels=ann.kernels, **ann.config)
     snn.load_state_dict(ann.state_dict())
     device = next(ann.parameters()).device
     return snn.to(device).train(ann.training)

@@ -54,7 +54,7 @@ def _compiled_if_steps():
     return compile_elementwise(_if_steps)
 
 
-def if_spikes_fused(x, theta, signed=False):
+def if_spikes_fused(x, theta, kind="if"):
     """``snn.neuron.if_spikes`` as one compiled kernel: x [T, ...] -> spikes [T, ...].
 
     ``theta`` is a scalar (a Python number or a 0-dim tensor). Raises whatever the compiler
@@ -64,13 +64,13 @@ def if_spikes_fused(x, theta, signed=False):
     assert theta.dim() == 0, f"the fused IF neuron takes a scalar threshold, got shape {tuple(theta.shape)}"
     flat = x.detach().reshape(x.shape[0], -1)  # [T, N]: one compiled kernel for every layer shape
     with torch.no_grad():  # spikes carry no gradient; no autograd graph to compile
-        return _compiled_if_steps()(flat, theta, bool(signed)).reshape(x.shape)
+        return _compiled_if_steps()(flat, theta, kind == "signed").reshape(x.shape)
 
 
-def if_spikes_auto(x, theta, signed, reference):
-    """``if_spikes_fused``, or ``reference(x, theta, signed)`` once the compiler has failed.
+def if_spikes_auto(x, theta, kind, reference):
+    """``if_spikes_fused``, or ``reference(x, theta, kind)`` once the compiler has failed.
 
     The first failure is logged as a warning; the rest of the process uses ``reference``.
     """
-    return run_auto(lambda: if_spikes_fused(x, theta, signed), lambda: reference(x, theta, signed),
+    return run_auto(lambda: if_spikes_fused(x, theta, kind), lambda: reference(x, theta, kind),
                     _failure, "the fused IF neuron", log)

@@ -12,7 +12,7 @@ from snn.convert import SpikingUNet
 def snn_state(snn_model, flags, **extra):
     """The checkpoint dict of a spiking UNet: ``ema_model``, ``flags``, ``bit``, ``T``, ``signed``."""
     return {"ema_model": snn_model.state_dict(), "flags": dict(flags), "bit": snn_model.bit,
-            "T": snn_model.time_steps, "signed": snn_model.signed, **extra}
+            "T": snn_model.time_steps, "signed": snn_model.neuron == "signed", **extra}
 
 
 def save_snn(path, snn_model, flags, **extra):
@@ -22,7 +22,7 @@ def save_snn(path, snn_model, flags, **extra):
 
 def build_snn(flags, signed, kernels="reference"):
     try:
-        return SpikingUNet(signed=signed, T=flags["T"], ch=flags["ch"], ch_mult=flags["ch_mult"],
+        return SpikingUNet(neuron="signed" if signed else "if", T=flags["T"], ch=flags["ch"], ch_mult=flags["ch_mult"],
                            attn=flags["attn"], num_res_blocks=flags["num_res_blocks"],
                            dropout=flags["dropout"], bit=flags["bit"], wbit=flags.get("wbit", 32),
                            kernels=kernels)

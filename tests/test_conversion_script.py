@@ -45,7 +45,7 @@ def test_converts_samples_and_reports(tmp_path):
     assert proc.returncode == 0, proc.stderr
     model, kind, ckpt = load_model(str(tmp_path / "converted_snn.pt"))
     assert kind == "snn" and isinstance(model, SpikingUNet)
-    assert ckpt["bit"] == 2 and ckpt["T"] == 3 and ckpt["signed"] is True and model.signed
+    assert ckpt["bit"] == 2 and ckpt["T"] == 3 and ckpt["signed"] is True and model.neuron == "signed"
     ann_state = torch.load(tmp_path / "ckpt.pt", weights_only=False)["ema_model"]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ann_state.items())
     for name in ("ann.png", "snn.png", "ann_vs_snn.png"):

@@ -39,7 +39,7 @@ def run_dir(tmp_path_factory):
             p.add_(0.05 * torch.randn_like(p))
     state = ann.state_dict()
     save_atomic({"net_model": state, "ema_model": state, "flags": TINY, "step": 0}, str(folder / "ckpt.pt"))
-    save_snn(str(folder / "converted_snn.pt"), convert(ann, signed=False), TINY)
+    save_snn(str(folder / "converted_snn.pt"), convert(ann, "if"), TINY)
     feats = np.random.default_rng(0).normal(size=(30, 2048))
     inception.save_stats(str(folder / "stats.npz"), *inception.feature_statistics(feats))
     return folder

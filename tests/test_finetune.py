@@ -32,7 +32,7 @@ def tiny_pair(seed=0, signed=False):
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
                 m.bias.normal_(0, 0.1)
-    return ann, convert(ann, signed=signed).eval()
+    return ann, convert(ann, "signed" if signed else "if").eval()
 
 
 def noisy_batch(n=8, size=8, seed=1):

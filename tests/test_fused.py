@@ -1,6 +1,6 @@
 """The fused IF neuron (snn/fused.py) against the reference loop (snn/neuron.py).
 
-Compiling costs seconds per (T, signed) pair, so the tests share three compiled kernels:
+Compiling costs seconds per (T, kind) pair, so the tests share three compiled kernels:
 T = 3 unsigned, T = 3 signed and T = 7 unsigned (T = 7 signed alone compiles for
 half a minute on two cores); the kernels are compiled for dynamic sizes,
 so every shape below reuses them.
@@ -37,28 +37,28 @@ def near_threshold_inputs(T, shape, theta, generator):
 
 
 @needs_compiler
-@pytest.mark.parametrize("T,signed", [(3, False), (3, True), (7, False)])
+@pytest.mark.parametrize("T,kind", [(3, "if"), (3, "signed"), (7, "if")])
 @pytest.mark.parametrize("shape", [(5,), (2, 3, 4, 4), (4, 32, 8, 8)])
-def test_fused_equals_reference_bit_for_bit(T, signed, shape):
+def test_fused_equals_reference_bit_for_bit(T, kind, shape):
     g = torch.Generator().manual_seed(T * 100 + len(shape))
     theta = torch.tensor(0.7)  # not a binary fraction: rounding differences would show
     x = torch.randn(T, *shape, generator=g) * 0.8
-    ref = if_spikes(x, theta, signed)
-    out = fused.if_spikes_fused(x, theta, signed)
+    ref = if_spikes(x, theta, kind)
+    out = fused.if_spikes_fused(x, theta, kind)
     assert out.shape == x.shape and out.dtype == x.dtype
     assert torch.equal(bits(out), bits(ref))
     if x.numel() > 100:
-        assert (ref > 0).any() and (not signed or (ref < 0).any()), "the case must exercise (negative) spikes"
+        assert (ref > 0).any() and (kind == "if" or (ref < 0).any()), "the case must exercise (negative) spikes"
 
 
 @needs_compiler
-@pytest.mark.parametrize("T,signed", [(3, False), (3, True), (7, False)])
-def test_fused_equals_reference_near_threshold(T, signed):
+@pytest.mark.parametrize("T,kind", [(3, "if"), (3, "signed"), (7, "if")])
+def test_fused_equals_reference_near_threshold(T, kind):
     g = torch.Generator().manual_seed(7)
     theta = 0.75
     x = near_threshold_inputs(T, (3, 16, 8), theta, g)
-    ref = if_spikes(x, theta, signed)
-    assert torch.equal(bits(fused.if_spikes_fused(x, torch.tensor(theta), signed)), bits(ref))
+    ref = if_spikes(x, theta, kind)
+    assert torch.equal(bits(fused.if_spikes_fused(x, torch.tensor(theta), kind)), bits(ref))
     # the membrane sits exactly on the threshold somewhere: v = theta / 2 + theta / 2 at t = 0
     assert ((x[0] == theta / 2) & (ref[0] == 1)).any()
 
@@ -68,19 +68,19 @@ def test_fused_constant_input_is_the_quantizer():
     """Closed form (DESIGN §3): over T = 3 steps the mean output equals the 2-bit quantizer."""
     theta = torch.tensor(1.3)
     x = torch.rand(4096, generator=torch.Generator().manual_seed(4)) * 2.5 - 0.5  # [-0.5, 2)
-    spikes = fused.if_spikes_fused(x.expand(3, -1), theta, False)
+    spikes = fused.if_spikes_fused(x.expand(3, -1), theta, "if")
     assert torch.allclose(theta * spikes.mean(0), quantize_activation(x, theta, 3), atol=1e-6)
 
 
 @needs_compiler
-@pytest.mark.parametrize("signed", [False, True])
-def test_neuron_module_backends_agree(signed):
+@pytest.mark.parametrize("kind", ["if", "signed"])
+def test_neuron_module_kernels_agree(kind):
     T, B = 3, 2
     x = torch.randn(T * B, 32, 4, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
-    ref = IFNeuron(T, alpha=0.9, signed=signed)
+    ref = IFNeuron(T, alpha=0.9, kind=kind)
     out_ref = ref(x)
-    for backend in ("compile", "auto"):
-        neuron = IFNeuron(T, alpha=0.9, signed=signed, backend=backend)
+    for kernels in ("compile", "auto"):
+        neuron = IFNeuron(T, alpha=0.9, kind=kind, kernels=kernels)
         out = neuron(x)
         assert torch.equal(bits(out.detach()), bits(out_ref.detach()))
         # the threshold still gets its gradient through the output current theta * s
@@ -102,27 +102,29 @@ def test_auto_falls_back_once_with_a_warning(monkeypatch, caplog):
     monkeypatch.setattr(fused, "_failure", [])
     x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(2))
     with caplog.at_level(logging.WARNING, logger=fused.log.name):
-        first = spike_train(x, 0.5, True, backend="auto")
-        second = spike_train(x * 2, 0.5, True, backend="auto")
-    assert torch.equal(first, if_spikes(x, 0.5, True))
-    assert torch.equal(second, if_spikes(x * 2, 0.5, True))
+        first = spike_train(x, 0.5, "signed", kernels="auto")
+        second = spike_train(x * 2, 0.5, "signed", kernels="auto")
+    assert torch.equal(first, if_spikes(x, 0.5, "signed"))
+    assert torch.equal(second, if_spikes(x * 2, 0.5, "signed"))
     assert len(calls) == 1, "after the first failure 'auto' stops trying the compiler"
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "no compiler here" in warnings[0].getMessage()
     with pytest.raises(RuntimeError, match="no compiler here"):
-        spike_train(x, 0.5, True, backend="compile")  # asked for explicitly: the error shows
+        spike_train(x, 0.5, "signed", kernels="compile")  # asked for explicitly: the error shows
 
 
-def test_unknown_backend_is_refused():
-    with pytest.raises(ValueError, match="backend"):
-        IFNeuron(3, backend="triton")
+def test_unknown_kernels_and_kinds_are_refused():
+    with pytest.raises(ValueError, match="kernels"):
+        IFNeuron(3, kernels="triton")
+    with pytest.raises(ValueError, match="kind"):
+        IFNeuron(3, kind="lif")
 
 
-def test_reference_backend_is_the_loop():
+def test_reference_kernels_are_the_loop():
     x = torch.randn(6, 3, generator=torch.Generator().manual_seed(3))
-    neuron = IFNeuron(3, alpha=0.4, signed=True)
-    assert neuron.backend == "reference"
-    expected = fold(if_spikes(unfold(x, 3), torch.tensor(0.4), True)) * 0.4
+    neuron = IFNeuron(3, alpha=0.4, kind="signed")
+    assert neuron.kernels == "reference"
+    expected = fold(if_spikes(unfold(x, 3), torch.tensor(0.4), "signed")) * 0.4
     assert torch.equal(neuron(x).detach(), expected)
 
 
@@ -139,15 +141,15 @@ def test_kernels_chosen_at_construction_reach_every_quantizer_and_neuron():
     ann = UNet(**cfg).eval()
     ann_fused = UNet(kernels="compile", **cfg).eval()
     ann_fused.load_state_dict(ann.state_dict())
-    snn, snn_fused = convert(ann, signed=True), convert(ann_fused, signed=True)
-    assert all(m.backend == "compile" for m in ann_fused.modules() if isinstance(m, QuantReLU))
+    snn, snn_fused = convert(ann, "signed"), convert(ann_fused, "signed")
+    assert all(m.kernels == "compile" for m in ann_fused.modules() if isinstance(m, QuantReLU))
     neurons = [m for m in snn_fused.modules() if isinstance(m, IFNeuron)]
-    assert neurons and all(m.backend == "compile" for m in neurons)
+    assert neurons and all(m.kernels == "compile" for m in neurons)
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 70])
     with torch.no_grad():
         assert torch.equal(bits(ann_fused(x, t)), bits(ann(x, t)))
         assert torch.equal(bits(snn_fused(x, t)), bits(snn(x, t)))
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(ValueError, match="kernels"):
         UNet(kernels="triton", **cfg)
 
 
@@ -165,7 +167,7 @@ def test_compiled_quantizer_equals_reference(bit):
     from quant import QuantReLU
 
     generator = torch.Generator().manual_seed(bit)
-    ref, fused = QuantReLU(bit, 1.3), QuantReLU(bit, 1.3, backend="compile")
+    ref, fused = QuantReLU(bit, 1.3), QuantReLU(bit, 1.3, kernels="compile")
     x = quantizer_inputs(1.3, 2 ** bit - 1, generator)
     grad = torch.randn(x.shape, generator=generator)
     results = []
@@ -189,8 +191,8 @@ def test_quantizer_auto_falls_back_to_the_reference(monkeypatch):
     monkeypatch.setattr(activation, "_compiled", broken)
     monkeypatch.setattr(activation, "_failure", [])
     x = torch.randn(64, generator=torch.Generator().manual_seed(4), requires_grad=True)
-    y = QuantReLU(2, 1.0, backend="auto")(x)
+    y = QuantReLU(2, 1.0, kernels="auto")(x)
     y.sum().backward()
     assert torch.equal(y, QuantReLU(2, 1.0)(x)) and len(activation._failure) == 1
     with pytest.raises(RuntimeError, match="no compiler here"):
-        QuantReLU(2, 1.0, backend="compile")(x)
+        QuantReLU(2, 1.0, kernels="compile")(x)

@@ -24,44 +24,45 @@ def integer_level(x, alpha, levels):
 
 # -- the neuron -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("kind", ["if", "signed"])
 @pytest.mark.parametrize("bit", [1, 2, 3, 4])
-def test_constant_input_reproduces_quant_relu(bit, signed):
+def test_constant_input_reproduces_quant_relu(bit, kind):
     """Over T = 2^bit - 1 steps of a constant input, the spike count is the quantizer's level."""
     T = 2 ** bit - 1
     gen = torch.Generator().manual_seed(bit)
     for _ in range(5):
         alpha = float(torch.empty(1).uniform_(0.2, 4.0, generator=gen))
         x = torch.empty(2048, dtype=torch.float64).uniform_(-0.5 * alpha, 1.5 * alpha, generator=gen)
-        counts = if_spikes(x.expand(T, -1), alpha, signed).sum(0)
+        counts = if_spikes(x.expand(T, -1), alpha, kind).sum(0)
         assert torch.equal(counts, integer_level(x, alpha, T))
 
-        neuron = IFNeuron(T, alpha, signed).double()
+        neuron = IFNeuron(T, alpha, kind).double()
         quant = QuantReLU(bit, init_alpha=alpha).double()
         out = time_mean(neuron(x[None].expand(T, -1).reshape(T * 8, 256)), T).reshape(-1)
         torch.testing.assert_close(out, quant(x), rtol=0, atol=1e-12 * alpha)
 
 
-@pytest.mark.parametrize("inputs, signed, expected", [
-    ([0.9, -0.9, 0.0], True, [1, -1, 0]),     # fired, then the membrane drops below 0: -1
-    ([0.9, -0.9, 0.0], False, [1, 0, 0]),     # the plain neuron keeps its negative membrane
-    ([-0.9, 0.9, 0.9], True, [0, 0, 1]),      # no -1 before the first spike
-    ([1.0, 1.0, -2.0], True, [1, 1, -1]),     # at most one -1 per step
-    ([0.3, 0.3, 0.3], False, [0, 1, 0]),      # v: 0.8, 1.1 -> fire -> 0.1, 0.4
-    ([0.3, 0.3, 0.3], True, [0, 1, 0]),
+@pytest.mark.parametrize("inputs, kind, expected", [
+    ([0.9, -0.9, 0.0], "signed", [1, -1, 0]),     # fired, then the membrane drops below 0: -1
+    ([0.9, -0.9, 0.0], "if", [1, 0, 0]),          # the plain neuron keeps its negative membrane
+    ([-0.9, 0.9, 0.9], "signed", [0, 0, 1]),      # no -1 before the first spike
+    ([1.0, 1.0, -2.0], "signed", [1, 1, -1]),     # at most one -1 per step
+    ([0.3, 0.3, 0.3], "if", [0, 1, 0]),           # v: 0.8, 1.1 -> fire -> 0.1, 0.4
+    ([0.3, 0.3, 0.3], "signed", [0, 1, 0]),
 ])
-def test_pinned_spike_trains(inputs, signed, expected):
+def test_pinned_spike_trains(inputs, kind, expected):
     """Hand-computed spike trains of a neuron with theta = 1 (membrane starts at 0.5)."""
     x = torch.tensor(inputs, dtype=torch.float64)[:, None]
-    assert if_spikes(x, 1.0, signed)[:, 0].tolist() == expected
+    assert if_spikes(x, 1.0, kind)[:, 0].tolist() == expected
 
 
-@pytest.mark.parametrize("signed", [False, True])
-def test_module_equals_function_on_time_varying_input(signed):
+@pytest.mark.parametrize("kind", ["if", "signed"])
+def test_module_equals_function_on_time_varying_input(kind):
+    signed = kind == "signed"
     T, alpha = 7, 0.8
     x = torch.randn(T, 4, 5, 3, generator=torch.Generator().manual_seed(0))
-    out = IFNeuron(T, alpha, signed)(fold(x))
-    expected = fold(if_spikes(x, alpha, signed)) * alpha
+    out = IFNeuron(T, alpha, kind)(fold(x))
+    expected = fold(if_spikes(x, alpha, kind)) * alpha
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     allowed = torch.tensor([-alpha, 0.0, alpha] if signed else [0.0, alpha])
     assert torch.isclose(out[..., None], allowed).any(-1).all()
@@ -94,21 +95,21 @@ class TinyNet(nn.Module):
 class SpikingTiny(nn.Module):
     """``TinyNet`` with IF neurons: the input repeated over T, the output averaged, as SpikingUNet does."""
 
-    def __init__(self, ann, T, signed):
+    def __init__(self, ann, T, kind):
         super().__init__()
         self.T = T
-        self.net = swap_activations(copy.deepcopy(ann), lambda q: IFNeuron(T, q.act_alpha.item(), signed))
+        self.net = swap_activations(copy.deepcopy(ann), lambda q: IFNeuron(T, q.act_alpha.item(), kind))
 
     def forward(self, x):
         return time_mean(self.net(x.repeat(self.T, 1)), self.T)
 
 
-@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("kind", ["if", "signed"])
 @pytest.mark.parametrize("bit", [1, 2, 3, 4])
-def test_linear_quant_linear_converts_exactly(bit, signed):
+def test_linear_quant_linear_converts_exactly(bit, kind):
     torch.manual_seed(bit)
     ann = TinyNet(bit)
-    snn = SpikingTiny(ann, 2 ** bit - 1, signed)
+    snn = SpikingTiny(ann, 2 ** bit - 1, kind)
     assert isinstance(snn.net.act, IFNeuron) and isinstance(ann.act, QuantReLU)
     assert list(snn.net.state_dict()) == list(ann.state_dict())
     x = torch.randn(64, 6) * 2
@@ -145,8 +146,8 @@ def relative_error(a, b):
 @pytest.mark.parametrize("bit", [1, 2, 3])
 def test_convert_unet_shape_state_and_time_steps(bit):
     ann = small_unet(bit)
-    snn = convert(ann, signed=True)
-    assert isinstance(snn, SpikingUNet) and snn.time_steps == 2 ** bit - 1 and snn.signed
+    snn = convert(ann, "signed")
+    assert isinstance(snn, SpikingUNet) and snn.time_steps == 2 ** bit - 1 and snn.neuron == "signed"
     assert sum(isinstance(m, IFNeuron) for m in snn.modules()) == \
         sum(isinstance(m, QuantReLU) for m in ann.modules())
     assert not any(isinstance(m, QuantReLU) for m in snn.modules())
@@ -162,7 +163,7 @@ def test_convert_unet_shape_state_and_time_steps(bit):
 def test_time_embedding_is_exact():
     """The time embedding's neuron sees a constant input, so the SNN's embedding is the ANN's."""
     ann = small_unet()
-    snn = convert(ann, signed=False)
+    snn = convert(ann, "if")
     t = torch.arange(0, 100, 7)
     with torch.no_grad():
         spiking = time_mean(snn.time_embedding(t.repeat(snn.time_steps)), snn.time_steps)
@@ -189,8 +190,8 @@ def trained():
     return ann.eval(), x_t, t
 
 
-@pytest.mark.parametrize("signed", [False, True])
-def test_learned_thresholds_beat_uncalibrated(trained, signed):
+@pytest.mark.parametrize("kind", ["if", "signed"])
+def test_learned_thresholds_beat_uncalibrated(trained, kind):
     """The SNN with the ANN's learned thresholds predicts the noise closer to the ANN than one
     whose thresholds ignore them (all 1)."""
     ann, x_t, t = trained
@@ -200,9 +201,9 @@ def test_learned_thresholds_beat_uncalibrated(trained, signed):
             module.act_alpha.data.fill_(1.0)
     with torch.no_grad():
         reference = ann(x_t, t)
-        err = relative_error(convert(ann, signed)(x_t, t), reference)
-        err_uncalibrated = relative_error(convert(uncalibrated, signed)(x_t, t), reference)
-    print(f"\n{'signed' if signed else 'unsigned'} neurons: SNN-vs-ANN noise error {err:.4f}, "
+        err = relative_error(convert(ann, kind)(x_t, t), reference)
+        err_uncalibrated = relative_error(convert(uncalibrated, kind)(x_t, t), reference)
+    print(f"\n{kind} neurons: SNN-vs-ANN noise error {err:.4f}, "
           f"with every threshold 1: {err_uncalibrated:.4f}")  # reported with pytest -s
     assert 0 < err < err_uncalibrated, (err, err_uncalibrated)
     assert err < 0.6
@@ -210,7 +211,7 @@ def test_learned_thresholds_beat_uncalibrated(trained, signed):
 
 def test_apot_weights_convert_with_the_same_weights():
     ann = small_unet(wbit=4)
-    snn = convert(ann, signed=True)
+    snn = convert(ann, "signed")
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([0, 50])
     layer = ann.downblocks[0].block1[2]
     with torch.no_grad():
@@ -252,7 +253,7 @@ def independent_counts(snn, x, t):
 
 def test_monitor_counts_and_energy():
     ann = small_unet()
-    snn = convert(ann, signed=True)
+    snn = convert(ann, "signed")
     x, t = torch.randn(3, 3, 16, 16), torch.tensor([5, 50, 95])
     monitor = SpikeMonitor(snn)
     with monitor:
@@ -292,7 +293,7 @@ def test_monitor_counts_and_energy():
 def test_monitor_of_the_ann_counts_the_same_macs():
     """A quantized UNet costs only MACs, and as many as the SNN's equivalent-ANN count."""
     ann = small_unet()
-    snn = convert(ann, signed=False)
+    snn = convert(ann, "if")
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 60])
     wrapped = nn.DataParallel(ann)
     ann_monitor, snn_monitor = SpikeMonitor(wrapped), SpikeMonitor(snn)
