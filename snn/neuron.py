@@ -1,13 +1,28 @@
-"""Integrate-and-fire neurons (DESIGN §3).
+"""Integrate-and-fire neurons.
 
 Tensors are time-major and folded into the batch, ``[T*B, ...]``; a neuron unfolds them to
 ``[T, B, ...]``, simulates the whole T-step window in one call and keeps no state between calls.
+
+Each neuron kind is one pure step function ``(x_t, v, count, theta, levels) -> (s, v, count)``
+(the spikingjelly style: the neuron's dynamics written once, stateless). ``run_steps`` runs a
+step over the window; the reference calls it as is, ``snn.fused`` hands the very same function to
+``torch.compile``, so the two agree bit for bit by construction.
+
+Every kind starts its membrane at theta / 2, resets softly (subtracts what it emitted) and emits
+an integer ``s`` per step; its output current is ``theta * s``:
+
+* ``if``: binary, s in {0, 1} (fires when the membrane reaches theta);
+* ``signed``: Fast-SNN's neuron, s in {-1, 0, 1}; -1 when the membrane falls below zero after
+  the neuron has fired, so its net spike count never goes negative;
+* ``graded``: s = clamp(floor(v / theta), -c, L - c) with ``c`` the net count so far and
+  L = ``levels`` = T. Its net count after step t is clamp(floor(S_t / theta + 1/2), 0, L) for the
+  input sum S_t, so over T = L steps its mean output is exactly the b-bit quantizer of its mean
+  input, whatever the input's course in time.
 """
 import torch
 import torch.nn as nn
 
 from common.compiled import check_kernels
-from snn import fused
 
 
 def fold(x):
@@ -26,7 +41,7 @@ def time_mean(x, T):
     return unfold(x, T).mean(0)
 
 
-NEURON_KINDS = ("if", "signed")
+NEURON_KINDS = ("if", "signed", "graded")
 
 
 def check_kind(kind):
@@ -36,52 +51,94 @@ def check_kind(kind):
     return kind
 
 
-def if_spikes(x, theta, kind="if"):
-    """Spike train of an IF neuron for input currents ``x`` [T, ...] and threshold ``theta``.
+# -- one step of each kind: x_t, v, count [N...], theta 0-dim, levels int -> s, v, count -------
 
-    Membrane starts at theta / 2, soft reset. Returns s [T, ...] in {0, 1} (``if``) or
-    {-1, 0, 1} (``signed``: a neuron whose membrane falls below zero after it has fired emits -1
-    and takes theta back, so its net spike count never goes negative). The output current of
-    the neuron is ``theta * s``.
+def if_step(x, v, count, theta, levels):
+    """Binary IF neuron: s = 1 when the membrane reaches theta, which it then gives back."""
+    v = v + x
+    fire = v >= theta
+    s = fire.to(x.dtype)
+    # where(), not v - s * theta: the same values (s * theta is exact), one operation fewer
+    return s, torch.where(fire, v - theta, v), count + s
+
+
+def signed_step(x, v, count, theta, levels):
+    """Fast-SNN's signed IF neuron: +1 as ``if_step``; -1 (taking theta back) when the membrane
+    is below zero and the net count positive, so the net count never goes negative."""
+    v = v + x
+    fire = v >= theta
+    v = torch.where(fire, v - theta, v)
+    neg = (v < 0) & (count > 0)
+    v = torch.where(neg, v + theta, v)
+    s = fire.to(x.dtype) - neg.to(x.dtype)
+    return s, v, count + s
+
+
+def graded_step(x, v, count, theta, levels):
+    """Graded signed IF neuron: s = clamp(floor(v / theta), -count, levels - count).
+
+    Written as the new count minus the old one, both integers in [0, levels]: the same value,
+    and a silent step gives +0.0, never -0.0 (floor(-0.0) would), so the reference and the
+    compiled kernel agree on the sign bit too.
     """
-    signed = check_kind(kind) == "signed"
-    theta = torch.as_tensor(theta, dtype=x.dtype, device=x.device)
-    v = (theta / 2).expand_as(x[0]).clone()
-    count = torch.zeros_like(x[0]) if signed else None
-    spikes = torch.empty_like(x)
+    v = v + x
+    new_count = torch.clamp(count + torch.floor(v / theta), 0, levels)
+    s = new_count - count
+    return s, v - s * theta, new_count
+
+
+STEPS = {"if": if_step, "signed": signed_step, "graded": graded_step}
+
+
+def run_steps(x, theta, step):
+    """Run ``step`` over the window: x [T, ...] input currents, 0-dim ``theta`` -> s [T, ...].
+
+    The membrane starts at theta / 2 and the count at 0; ``levels`` is T. Plain tensor code with
+    the loop over T unrolled when traced: the reference runs it eagerly, ``snn.fused`` compiles it.
+    """
+    v = (theta / 2).expand_as(x[0])
+    count = torch.zeros_like(x[0])
+    spikes = []
     for t in range(x.shape[0]):
-        v = v + x[t]
-        s = (v >= theta).to(x.dtype)
-        v = v - s * theta
-        if signed:
-            n = ((v < 0) & (count > 0)).to(x.dtype)
-            v = v + n * theta
-            s = s - n
-            count = count + s
-        spikes[t] = s
-    return spikes
+        s, v, count = step(x[t], v, count, theta, x.shape[0])
+        spikes.append(s)
+    return torch.stack(spikes)
+
+
+def if_spikes(x, theta, kind="if"):
+    """Spike train of a neuron of ``kind`` for input currents ``x`` [T, ...] and threshold ``theta``.
+
+    ``theta``: a scalar (a number or a 0-dim tensor). Returns s [T, ...], integers of ``x.dtype``:
+    {0, 1} (``if``), {-1, 0, 1} (``signed``) or [-T, T] (``graded``). No gradient flows through s.
+    """
+    step = STEPS[check_kind(kind)]
+    theta = torch.as_tensor(theta, dtype=x.dtype, device=x.device).detach()
+    with torch.no_grad():
+        return run_steps(x.detach(), theta, step)
 
 
 def spike_train(x, theta, kind="if", kernels="reference"):
     """``if_spikes`` computed by ``kernels``: the same spikes [T, ...] bit for bit.
 
-    ``reference``: the loop above. ``compile``: one fused kernel (``snn.fused``; fails when the
-    compiler does). ``auto``: the fused kernel, falling back to the loop (with one warning) when
-    it cannot be compiled.
+    ``reference``: ``run_steps`` eagerly. ``compile``: the same function as one fused kernel
+    (``snn.fused``; fails when the compiler does). ``auto``: the fused kernel, falling back to the
+    reference (with one warning) when it cannot be compiled.
     """
+    if check_kernels(kernels) == "reference":
+        return if_spikes(x, theta, kind)
+    from snn import fused  # here, not at the top: snn.fused builds on this module's steps
     if kernels == "compile":
         return fused.if_spikes_fused(x, theta, kind)
-    if kernels == "auto":
-        return fused.if_spikes_auto(x, theta, kind, reference=if_spikes)
-    return if_spikes(x, theta, kind)
+    return fused.if_spikes_auto(x, theta, kind)
 
 
 class IFNeuron(nn.Module):
     """IF neuron layer with threshold ``act_alpha`` simulating ``T`` steps per call.
 
-    forward(x [T*B, ...]) -> [T*B, ...] with values in {-alpha, 0, alpha} (``signed``) or {0, alpha}
-    (``if``). The parameter name matches ``QuantReLU``'s, so a quantized ANN's state dict loads as is.
-    ``kernels`` picks how the time loop runs (``spike_train``); every choice gives the same spikes.
+    forward(x [T*B, ...]) -> [T*B, ...] = alpha * s, s as ``if_spikes`` gives it for ``kind``.
+    The parameter name matches ``QuantReLU``'s, so a quantized ANN's state dict loads as is, and
+    ``act_alpha`` gets a gradient through the output current. ``kernels`` picks how the time
+    loop runs (``spike_train``); every choice gives the same spikes.
     """
 
     def __init__(self, T, alpha=1.0, kind="if", kernels="reference"):
@@ -97,4 +154,3 @@ class IFNeuron(nn.Module):
 
     def extra_repr(self):
         return f"T={self.T}, kind={self.kind}, kernels={self.kernels}"
-

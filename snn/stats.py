@@ -1,23 +1,35 @@
-"""Spike statistics and energy of a spiking (or quantized) UNet, collected with forward hooks (DESIGN §8).
+"""Spike statistics and energy of a spiking (or quantized) UNet, collected with forward hooks.
 
     monitor = SpikeMonitor(model)
     with monitor:               # hooks live only inside the block: no cost otherwise
         model(x, t)
     summary = monitor.summary()
 
-Neuron layers: firing rate = spikes per neuron per time step, positive and negative spikes
-counted separately. Weight layers (``nn.Conv2d`` / ``nn.Linear`` and their APoT subclasses):
+A neuron emits an integer ``s`` per step (0/1 binary, -1/0/1 signed, -L..L graded); its output
+current is ``theta * s``, from which the monitor recovers ``s``. A spike of size ``k`` is ``|k|``
+synaptic *events*. Neuron layers (and the totals) report
 
-* fed straight by an IF neuron (through ``Dropout`` / ``Identity`` at most): every spike that
+* ``firing_rate``: events per neuron per time step, sum |s| / (neurons * T * samples); for binary
+  and signed neurons this is spikes per neuron per step;
+* ``positive_rate`` / ``negative_rate``: the same, counting only s > 0 / s < 0 (they add up to
+  ``firing_rate``);
+* ``spike_rate``: nonzero s per neuron per time step (a graded spike counts once);
+* ``negative_spike_fraction`` / ``multi_spike_fraction``: the share of nonzero s that are
+  negative / larger than 1 in magnitude (0 for binary neurons).
+
+Weight layers (``nn.Conv2d`` / ``nn.Linear`` and their APoT subclasses):
+
+* fed straight by an IF neuron (through ``Dropout`` / ``Identity`` at most): every event that
   enters costs one accumulate (AC) per outgoing connection, ``C_out*k*k/stride^2`` for a conv,
-  ``out_features`` for a linear;
+  ``out_features`` for a linear, so a spike of size k costs k ACs per connection;
 * fed with analog values (the head conv, the first time-embedding linear, the 1x1 shortcut and the
   down/up-sampling convs, which read a block's analog output): multiply-accumulates (MACs),
   counted once per sample when the input is the same at every time step (direct encoding:
   it would be computed once and held) and ``T`` times otherwise.
 
 Which tensors are spikes is decided by identity: a hook on every neuron records its output
-tensors, so a weight layer is synaptic exactly when its input *is* one of them. The equivalent
+tensors with their unit (the threshold), so a weight layer is synaptic exactly when its input
+*is* one of them, and it counts sum |round(input / unit)| events. The equivalent
 quantized ANN costs ``fan_in`` MACs per output element of every weight layer, once per sample.
 Energy at 45 nm (Horowitz 2014): 0.9 pJ per AC, 4.6 pJ per MAC. Biases, normalisation and
 additions are not counted, as usual in SNN papers.
@@ -29,7 +41,6 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from snn.convert import SpikingUNet
 from snn.neuron import IFNeuron
 
 ENERGY_PER_AC_PJ = 0.9
@@ -40,8 +51,11 @@ _PASS_THROUGH = (nn.Dropout, nn.Identity)
 @dataclass
 class _NeuronCounts:
     neurons: int = 0        # neurons of the layer for one sample
-    positive: int = 0       # +1 spikes, summed over steps and samples
-    negative: int = 0       # -1 spikes (signed neurons)
+    positive: int = 0       # events of positive spikes (sum of s > 0), over steps and samples
+    negative: int = 0       # events of negative spikes (sum of |s|, s < 0)
+    spikes: int = 0         # nonzero s
+    negative_spikes: int = 0  # s < 0
+    multi_spikes: int = 0   # |s| > 1
     neuron_steps: int = 0   # neurons * T * samples
 
 
@@ -72,6 +86,39 @@ def fan_out(layer):
     return layer.out_features
 
 
+def spike_sizes(current, unit):
+    """The integer spikes s of a neuron output current ``theta * s`` [any shape] with unit theta.
+
+    Rounded: ``theta * s`` is the float product, and the division may miss s by an ulp.
+    """
+    unit = float(unit)
+    if unit == 0:  # a zero threshold makes zero currents: nothing to count
+        return torch.zeros_like(current)
+    return torch.round(current.detach() / unit)
+
+
+def _count(x):
+    """A tensor count or sum as a Python int (float64 keeps sums of integers exact up to 2**53)."""
+    return int(x.sum(dtype=torch.float64)) if x.is_floating_point() else int(x.sum())
+
+
+def _total(counts):
+    """The ``_NeuronCounts`` of several layers added up (``neurons`` excepted)."""
+    total = _NeuronCounts()
+    for c in counts:
+        for field in ("positive", "negative", "spikes", "negative_spikes", "multi_spikes", "neuron_steps"):
+            setattr(total, field, getattr(total, field) + getattr(c, field))
+    return total
+
+
+def _spike_rates(c):
+    """The rates and shares of the module docstring, from the counts ``c`` (0 where undefined)."""
+    steps, spikes = max(c.neuron_steps, 1), max(c.spikes, 1)
+    return {"firing_rate": (c.positive + c.negative) / steps, "positive_rate": c.positive / steps,
+            "negative_rate": c.negative / steps, "spike_rate": c.spikes / steps,
+            "negative_spike_fraction": c.negative_spikes / spikes, "multi_spike_fraction": c.multi_spikes / spikes}
+
+
 def _constant_over_time(x, T):
     """Whether the folded tensor ``x`` [T*B, ...] holds the same values at every time step."""
     if T == 1:
@@ -84,14 +131,16 @@ class SpikeMonitor:
     """Counts spikes, ACs and MACs of ``model`` (a ``SpikingUNet`` or a (quantized) ``UNet``,
     possibly inside ``DataParallel``) over every forward call made inside ``with monitor:``.
 
-    A plain UNet runs one step (T = 1) and has no neurons: its energy is its MAC energy.
+    T is the model's ``time_steps`` (a ``SpikingUNet``'s, or any spiking model's that has one,
+    running time-major folded tensors). A plain UNet runs one step (T = 1) and has no neurons:
+    its energy is its MAC energy.
     """
 
     def __init__(self, model):
         self.outer = model  # samples are counted where the caller's batch enters
         self.root = model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) \
             else model
-        self.T = self.root.time_steps if isinstance(self.root, SpikingUNet) else 1
+        self.T = int(getattr(self.root, "time_steps", 1))
         self.named = dict(self.root.named_modules())
         self._handles = []
         self._lock = threading.Lock()
@@ -135,8 +184,10 @@ class SpikeMonitor:
             self._local.spikes = {}
         return self._local.spikes
 
-    def _is_spike_tensor(self, x):
-        return self._spikes().get(id(x)) is x
+    def _spike_unit(self, x):
+        """The unit (threshold) of the spike tensor ``x``, or None when ``x`` is no neuron output."""
+        entry = self._spikes().get(id(x))
+        return entry[1] if entry is not None and entry[0] is x else None
 
     def _on_call(self, module, args, kwargs):
         x = args[0] if args else kwargs["x"]
@@ -151,26 +202,33 @@ class SpikeMonitor:
         self._spikes().clear()  # drop the references kept for the identity test
 
     def _on_neuron(self, name, module, args, out):
-        self._spikes()[id(out)] = out
-        positive = int((out > 0).sum())
-        negative = int((out < 0).sum())
+        # the running module: under DataParallel a replica, whose threshold is the same
+        unit = float(module.act_alpha)
+        self._spikes()[id(out)] = (out, unit)
+        s = spike_sizes(out, unit)
+        found = {"positive": _count(s.clamp(min=0)), "negative": _count((-s).clamp(min=0)),
+                 "spikes": _count(s != 0), "negative_spikes": _count(s < 0), "multi_spikes": _count(s.abs() > 1)}
         with self._lock:
             counts = self.neurons.setdefault(name, _NeuronCounts())
             counts.neurons = out[0].numel()
-            counts.positive += positive
-            counts.negative += negative
+            for field, value in found.items():
+                setattr(counts, field, getattr(counts, field) + value)
             counts.neuron_steps += out.numel()
 
     def _on_pass_through(self, module, args, out):
-        if self._is_spike_tensor(args[0]):
-            self._spikes()[id(out)] = out
+        unit = self._spike_unit(args[0])
+        if unit is not None:
+            if isinstance(module, nn.Dropout) and module.training and 0 < module.p < 1:
+                unit /= 1 - module.p  # training-mode dropout scales the spikes it keeps
+            self._spikes()[id(out)] = (out, unit)
 
     def _on_weight_layer(self, name, layer, module, args, out):
         x = args[0]
         ann_mac = out.numel() / self.T * fan_in(layer)  # one (ANN) pass of every sample
-        counts_spikes = self._is_spike_tensor(x)
-        if counts_spikes:
-            ac = float(torch.count_nonzero(x)) * fan_out(layer)
+        unit = self._spike_unit(x)
+        counts_spikes = unit is not None
+        if counts_spikes:  # one accumulate per event and outgoing connection
+            ac = float(_count(spike_sizes(x, unit).abs())) * fan_out(layer)
             mac = 0.0
         else:
             ac = 0.0
@@ -187,7 +245,8 @@ class SpikeMonitor:
     # results -----------------------------------------------------------------------------
 
     def summary(self):
-        """A JSON-serialisable dict: per-sample totals, energies, overall firing rate, ``layers``."""
+        """A JSON-serialisable dict: per-sample totals, energies, the spike rates over all neurons
+        (``firing_rate`` ... ``multi_spike_fraction``, see the module docstring) and ``layers``."""
         n = max(self.num_samples, 1)
         layers = [self._neuron_row(name, c) for name, c in self.neurons.items()]
         layers += [self._synapse_row(name, c, n) for name, c in self.synapses.items()]
@@ -196,14 +255,11 @@ class SpikeMonitor:
         ac = sum(c.ac for c in self.synapses.values()) / n
         mac = sum(c.mac for c in self.synapses.values()) / n
         ann_mac = sum(c.ann_mac for c in self.synapses.values()) / n
-        spikes = sum(c.positive + c.negative for c in self.neurons.values())
-        steps = sum(c.neuron_steps for c in self.neurons.values())
         energy = ac * ENERGY_PER_AC_PJ + mac * ENERGY_PER_MAC_PJ
         ann_energy = ann_mac * ENERGY_PER_MAC_PJ
         return {
             "time_steps": self.T, "num_samples": self.num_samples, "num_forwards": self.num_forwards,
-            "firing_rate": spikes / steps if steps else 0.0,
-            "negative_spike_fraction": sum(c.negative for c in self.neurons.values()) / spikes if spikes else 0.0,
+            **_spike_rates(_total(self.neurons.values())),
             "ac_per_sample": ac, "mac_per_sample": mac, "ann_mac_per_sample": ann_mac,
             "energy_pJ_per_sample": energy, "ann_energy_pJ_per_sample": ann_energy,
             "energy_ratio_ann_over_snn": ann_energy / energy if energy else None,
@@ -212,10 +268,8 @@ class SpikeMonitor:
         }
 
     def _neuron_row(self, name, c):
-        steps = max(c.neuron_steps, 1)
         return {"name": name, "type": "neuron", "neurons": c.neurons,
-                "threshold": self.named[name].act_alpha.item(), "firing_rate": (c.positive + c.negative) / steps,
-                "positive_rate": c.positive / steps, "negative_rate": c.negative / steps}
+                "threshold": self.named[name].act_alpha.item(), **_spike_rates(c)}
 
     def _synapse_row(self, name, c, n):
         kind = "spikes" if c.spike_input and not c.analog_input else "analog" if c.analog_input and not \

@@ -1,9 +1,12 @@
 """The fused IF neuron (snn/fused.py) against the reference loop (snn/neuron.py).
 
-Compiling costs seconds per (T, kind) pair, so the tests share three compiled kernels:
-T = 3 unsigned, T = 3 signed and T = 7 unsigned (T = 7 signed alone compiles for
-half a minute on two cores); the kernels are compiled for dynamic sizes,
-so every shape below reuses them.
+Compiling costs seconds per (T, kind) pair, so the tests share four compiled kernels:
+T = 3 unsigned, T = 3 signed, T = 3 graded and T = 7 unsigned (T = 7 signed alone compiles for
+half a minute on two cores). The graded neuron gets T = 3 only: its step differs from the
+binary ones in a division, a floor, a clamp and a product with a non-binary spike, which T = 3
+exercises as well as T = 7 (spikes up to +-3, thresholds hit exactly), and the unrolled loop is
+the same code for every T. The kernels are compiled for dynamic sizes, so every shape below
+reuses them (tests/test_neuron.py reuses the T = 3 graded one).
 """
 import logging
 import shutil
@@ -37,7 +40,7 @@ def near_threshold_inputs(T, shape, theta, generator):
 
 
 @needs_compiler
-@pytest.mark.parametrize("T,kind", [(3, "if"), (3, "signed"), (7, "if")])
+@pytest.mark.parametrize("T,kind", [(3, "if"), (3, "signed"), (3, "graded"), (7, "if")])
 @pytest.mark.parametrize("shape", [(5,), (2, 3, 4, 4), (4, 32, 8, 8)])
 def test_fused_equals_reference_bit_for_bit(T, kind, shape):
     g = torch.Generator().manual_seed(T * 100 + len(shape))
@@ -49,10 +52,11 @@ def test_fused_equals_reference_bit_for_bit(T, kind, shape):
     assert torch.equal(bits(out), bits(ref))
     if x.numel() > 100:
         assert (ref > 0).any() and (kind == "if" or (ref < 0).any()), "the case must exercise (negative) spikes"
+        assert (kind != "graded") or (ref.abs() > 1).any(), "and graded spikes larger than 1"
 
 
 @needs_compiler
-@pytest.mark.parametrize("T,kind", [(3, "if"), (3, "signed"), (7, "if")])
+@pytest.mark.parametrize("T,kind", [(3, "if"), (3, "signed"), (3, "graded"), (7, "if")])
 def test_fused_equals_reference_near_threshold(T, kind):
     g = torch.Generator().manual_seed(7)
     theta = 0.75
@@ -65,7 +69,7 @@ def test_fused_equals_reference_near_threshold(T, kind):
 
 @needs_compiler
 def test_fused_constant_input_is_the_quantizer():
-    """Closed form (DESIGN §3): over T = 3 steps the mean output equals the 2-bit quantizer."""
+    """Closed form: over T = 3 steps the mean output equals the 2-bit quantizer."""
     theta = torch.tensor(1.3)
     x = torch.rand(4096, generator=torch.Generator().manual_seed(4)) * 2.5 - 0.5  # [-0.5, 2)
     spikes = fused.if_spikes_fused(x.expand(3, -1), theta, "if")
@@ -73,7 +77,7 @@ def test_fused_constant_input_is_the_quantizer():
 
 
 @needs_compiler
-@pytest.mark.parametrize("kind", ["if", "signed"])
+@pytest.mark.parametrize("kind", ["if", "signed", "graded"])
 def test_neuron_module_kernels_agree(kind):
     T, B = 3, 2
     x = torch.randn(T * B, 32, 4, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
@@ -98,7 +102,7 @@ def test_auto_falls_back_once_with_a_warning(monkeypatch, caplog):
         calls.append(args)
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(fused, "_compiled_if_steps", lambda: broken)
+    monkeypatch.setattr(fused, "_compiled_window", lambda kind: broken)
     monkeypatch.setattr(fused, "_failure", [])
     x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(2))
     with caplog.at_level(logging.WARNING, logger=fused.log.name):

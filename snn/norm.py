@@ -1,0 +1,69 @@
+"""GroupNorm for spiking networks: per step, or compensated so that it is exact over T steps.
+
+A spiking UNet runs every layer on the folded ``[T*B, ...]`` tensor. All its layers but two kinds
+are linear, so they commute with the time mean; the activations (IF neurons) and GroupNorm do
+not. A plain ``nn.GroupNorm`` normalises every step on its own (``norm="step"``) and
+mean_t GN(x_t) != GN(mean_t x_t). ``CompensatedGroupNorm`` (``norm="compensated"``) keeps the
+running input sum S_t = x_1 + ... + x_t and emits
+
+    o_t = t * GN(S_t / t) - (t - 1) * GN(S_{t-1} / (t - 1)),    o_1 = GN(x_1),
+
+so o_1 + ... + o_T = T * GN(mean_t x_t) (the sum telescopes) while step t uses steps <= t only.
+"""
+import torch
+import torch.nn as nn
+
+from snn.neuron import fold, unfold
+
+NORM_KINDS = ("step", "compensated")
+
+
+def check_norm(norm):
+    """``norm`` if it names a GroupNorm mode of ``NORM_KINDS``, else ValueError."""
+    if norm not in NORM_KINDS:
+        raise ValueError(f"norm must be one of {NORM_KINDS}, got {norm!r}")
+    return norm
+
+
+class CompensatedGroupNorm(nn.GroupNorm):
+    """GroupNorm over a T-step window whose outputs sum to T * GN(time-mean input), causally.
+
+    forward(x [T*B, C, ...]) -> [T*B, C, ...] (time-major folded). Parameters and their names
+    (``weight``, ``bias``) are ``nn.GroupNorm``'s, so a state dict loads into either.
+    """
+
+    def __init__(self, T, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None):
+        super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
+        self.T = int(T)
+
+    @classmethod
+    def from_group_norm(cls, norm, T):
+        """A compensated copy of the ``nn.GroupNorm`` ``norm`` (same settings, parameter values,
+        device and dtype)."""
+        factory = {"device": norm.weight.device, "dtype": norm.weight.dtype} if norm.affine else {}
+        new = cls(T, norm.num_groups, norm.num_channels, norm.eps, norm.affine, **factory)
+        new.load_state_dict(norm.state_dict())
+        return new.train(norm.training)
+
+    def forward(self, x):
+        T = self.T
+        steps = torch.arange(1, T + 1, dtype=x.dtype, device=x.device).view(T, *[1] * x.dim())
+        running_mean = torch.cumsum(unfold(x, T), 0) / steps           # S_t / t, [T, B, C, ...]
+        total = steps * unfold(super().forward(fold(running_mean)), T)  # t * GN(S_t / t)
+        # o_t = total_t - total_{t-1}: the outputs telescope back to total_T = T * GN(mean x)
+        return fold(torch.cat([total[:1], total[1:] - total[:-1]]))
+
+    def extra_repr(self):
+        return f"T={self.T}, {super().extra_repr()}"
+
+
+def swap_group_norms(module, T):
+    """Replace every plain ``nn.GroupNorm`` under ``module`` with a ``CompensatedGroupNorm`` over
+    ``T`` steps, in place, keeping names and parameter values. Returns ``module``."""
+    targets = [(name, m) for name, m in module.named_modules()
+               if isinstance(m, nn.GroupNorm) and not isinstance(m, CompensatedGroupNorm)]
+    for name, norm in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child, CompensatedGroupNorm.from_group_norm(norm, T))
+    return module
