@@ -3,26 +3,29 @@
     python ANN_train.py --flagfile config/train_ANN/CIFAR10.txt [--flag=value ...]
 
 Writes ``ckpt.pt`` (atomically, every ``save_step``), ``sample/`` grids and tensorboard events
-into ``--logdir`` and resumes from ``ckpt.pt`` when it is already there. ``--init PATH`` starts
-from a higher-precision checkpoint (32 -> 4 -> 3 -> 2 bit, as in Fast-SNN).
+into ``--logdir`` and resumes from ``ckpt.pt`` when it is already there: the model, its data and
+the training settings come from the checkpoint, so ``--logdir`` and ``--total_steps`` are enough
+to continue a run. ``--init PATH`` starts a new run from a higher-precision checkpoint
+(32 -> 4 -> 3 -> 2 bit, as in Fast-SNN).
 """
 import copy
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 from absl import flags
 from tensorboardX import SummaryWriter
-from tqdm import trange
 
-from common import checkpoint, data, runtime
+from common import checkpoint, configs, data, runtime
 from common import flags as cflags
+from common.atomic import atomic_open, remove_stale_temporaries
 from common.ema import update_ema
 from common.errors import UserError, run
 from common.images import save_grid
-from common.models import build_sampler, build_unet
-from diffusion import GaussianDiffusionTrainer
+from common.models import build_sampler, build_unet, load_init
+from common.progress import progress
 from quant import QuantReLU
 
 cflags.define_model_flags()
@@ -42,6 +45,13 @@ flags.DEFINE_integer("log_step", 10, help="frequency of tensorboard scalars")
 flags.DEFINE_integer("sample_size", 64, help="images in a sample grid")
 flags.DEFINE_integer("sample_step", 5000, help="frequency of sample grids (0: never)")
 flags.DEFINE_integer("save_step", 5000, help="frequency of checkpoints")
+for _name in ("total_steps", "batch_size", "log_step", "sample_size", "save_step"):
+    flags.register_validator(_name, lambda v: v >= 1, message=f"--{_name} must be at least 1")
+for _name in ("warmup", "sample_step"):
+    flags.register_validator(_name, lambda v: v >= 0, message=f"--{_name} must be 0 or more")
+flags.register_validator("lr", lambda v: v > 0, message="--lr must be positive")
+flags.register_validator("grad_clip", lambda v: v > 0, message="--grad_clip must be positive")
+flags.register_validator("ema_decay", lambda v: 0 <= v <= 1, message="--ema_decay must be in [0, 1]")
 FLAGS = flags.FLAGS
 
 
@@ -49,171 +59,192 @@ def warmup_lr(warmup):
     return lambda step: min(step, warmup) / warmup if warmup > 0 else 1.0
 
 
-def load_init(model, path):
-    """Load ``path``'s EMA weights into ``model`` for progressive quantization.
+@dataclass
+class TrainLoop:
+    """What the training loop shares: settings, models, optimisation state and outputs."""
+    cfg: configs.TrainConfig
+    model_cfg: configs.ModelConfig
+    rt: runtime.Runtime
+    logdir: str
+    net_model: torch.nn.Module
+    ema_model: torch.nn.Module
+    optim: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    x_T: torch.Tensor
+    sampler_cfg: configs.SamplerConfig
+    step: int = 0
 
-    ``act_alpha`` entries the source lacks (a full-precision source) keep their initial value;
-    entries it has and the model lacks (a quantized source for a full-precision model) are
-    dropped. Anything else that does not match is an error.
-    """
-    source = checkpoint.load_checkpoint(path)["ema_model"]
-    target = model.state_dict()
-    missing = [k for k in target if k not in source]
-    unexpected = [k for k in source if k not in target]
-    bad = [k for k in missing + unexpected if not k.endswith(("act_alpha", "wgt_alpha"))]
-    if bad:
-        raise UserError(f"--init {path} does not fit this model: e.g. {bad[:3]} (check --ch, --ch_mult, "
-                        "--num_res_blocks, --attn)")
-    for key in target:
-        if key in source and source[key].shape != target[key].shape:
-            raise UserError(f"--init {path}: {key} has shape {tuple(source[key].shape)}, "
-                            f"the model expects {tuple(target[key].shape)}")
-    model.load_state_dict({k: v for k, v in source.items() if k in target}, strict=False)
-    return missing
+    @property
+    def ckpt_path(self):
+        return os.path.join(self.logdir, "ckpt.pt")
+
+    @classmethod
+    def create(cls, cfg, model_cfg, rt, logdir):
+        """A fresh run: models (``--init`` applied), Adam with warm-up, the sample grids' noise and sampler."""
+        net_model = build_unet(model_cfg, cflags.kernels()).to(rt.device)
+        if FLAGS.init:
+            initialised = load_init(net_model, FLAGS.init)
+            if rt.is_main and initialised:
+                print(f"--init {FLAGS.init}: {len(initialised)} quantizer thresholds start at their initial value")
+        optim = torch.optim.Adam(net_model.parameters(), lr=cfg.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda=warmup_lr(cfg.warmup))
+        size = model_cfg.data.img_size
+        x_T = torch.randn(FLAGS.sample_size, 3, size, size, generator=runtime.generator(cfg.seed))
+        sampler_cfg = cflags.sampler_config(model_cfg.diffusion.T)
+        build_sampler(model_cfg, sampler_cfg)  # a sampler the model cannot use fails here, before training
+        return cls(cfg, model_cfg, rt, logdir, net_model, copy.deepcopy(net_model), optim, sched, x_T, sampler_cfg)
+
+    def restore(self, ckpt):
+        """Continue from ``ckpt``: weights, Adam, schedule, step and sample noise; the learning rate
+        and warm-up of ``self.cfg`` apply from here on."""
+        self.net_model.load_state_dict(ckpt["net_model"])
+        self.ema_model.load_state_dict(ckpt["ema_model"])
+        self.optim.load_state_dict(ckpt["optim"])
+        self.sched.load_state_dict(ckpt["sched"])
+        self.sched.base_lrs = [self.cfg.lr] * len(self.optim.param_groups)
+        for group in self.optim.param_groups:
+            group["initial_lr"] = self.cfg.lr
+            group["lr"] = self.cfg.lr * warmup_lr(self.cfg.warmup)(self.sched.last_epoch)
+        self.step, self.x_T = ckpt["step"], ckpt["x_T"]
+
+    def save(self):
+        checkpoint.save_atomic({
+            "net_model": self.net_model.state_dict(), "ema_model": self.ema_model.state_dict(),
+            "optim": self.optim.state_dict(), "sched": self.sched.state_dict(), "step": self.step,
+            "x_T": self.x_T.cpu(), "config": {**self.model_cfg.to_dict(), "train": configs.to_dict(self.cfg)},
+        }, self.ckpt_path)
+
+    def train_step(self, model, diffusion, batch):
+        """One optimisation step on this rank's batch [B, 3, H, W]; every random draw of step
+        ``self.step`` (flips, t, noise, dropout) is seeded by (seed, step, rank) alone."""
+        seed = runtime.derived_seed(self.cfg.seed, self.step, self.rt.rank)
+        torch.manual_seed(seed)  # dropout draws from the global generator
+        generator = runtime.generator(seed, self.rt.device)
+        self.net_model.train()
+        self.optim.zero_grad(set_to_none=True)
+        loss = diffusion.training_losses(model, data.random_flip(batch, generator), generator).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.net_model.parameters(), self.cfg.grad_clip)
+        self.optim.step()
+        self.sched.step()
+        self.step += 1
+        return loss.detach()
+
+    def check_finite(self, loss, check_weights):
+        """Stop before a NaN or inf reaches a checkpoint (the weights too when ``check_weights``)."""
+        bad = None if torch.isfinite(loss) else f"the loss became {loss.item()}"
+        if bad is None and check_weights and not all(torch.isfinite(p).all() for p in self.net_model.parameters()):
+            bad = "the weights became non-finite"
+        if bad:
+            kept = (f"the last good checkpoint {self.ckpt_path} is kept" if os.path.exists(self.ckpt_path)
+                    else "no checkpoint was written")
+            raise UserError(f"{bad} at step {self.step}; training stopped and {kept} (try a lower --lr or "
+                            "--grad_clip)")
+
+    def report(self, loss, writer, pbar):
+        """Scalars every ``log_step``, a sample grid every ``sample_step`` (rank 0)."""
+        if self.step % FLAGS.log_step == 0:
+            loss = loss.item()
+            writer.add_scalar("loss", loss, self.step)
+            writer.add_scalar("lr", self.sched.get_last_lr()[0], self.step)
+            for name, module in self.net_model.named_modules():
+                if isinstance(module, QuantReLU) and hasattr(module, "act_alpha"):
+                    writer.add_scalar(f"act_alpha/{name}", module.act_alpha.item(), self.step)
+            pbar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if FLAGS.sample_step > 0 and self.step % FLAGS.sample_step == 0:
+            self.sample_grid(os.path.join(self.logdir, "sample", f"{self.step}.png"))
+
+    @torch.no_grad()
+    def sample_grid(self, path):
+        """A grid of the EMA model from the stored noise; the sampler's noise is seeded the same way
+        every time, so the grids of a run show its progress on the same draws."""
+        self.ema_model.eval()
+        model = runtime.data_parallel(self.ema_model, FLAGS.parallel and not self.rt.distributed)
+        _, sampler = build_sampler(self.model_cfg, self.sampler_cfg, self.rt.device)
+        generator = runtime.generator(runtime.derived_seed(self.cfg.seed, 1), self.rt.device)
+        save_grid(sampler(model, self.x_T.to(self.rt.device), generator), path)
+
+    def run(self, dataset):
+        """Train from ``self.step`` to ``total_steps``, saving every ``save_step``."""
+        model = runtime.wrap_model(self.net_model, self.rt, FLAGS.parallel)
+        diffusion, _ = build_sampler(self.model_cfg, configs.SamplerConfig(), self.rt.device)
+        batches = data.training_batches(dataset, self.cfg.batch_size, self.rt, FLAGS.num_workers, self.cfg.seed,
+                                        start_step=self.step)
+        writer = SummaryWriter(self.logdir, purge_step=self.step or None) if self.rt.is_main else None
+        start, first = time.time(), self.step
+        with progress(total=self.cfg.total_steps, initial=self.step, desc="train", disable=not self.rt.is_main) as pbar:
+            while self.step < self.cfg.total_steps:
+                loss = self.train_step(model, diffusion, next(batches))
+                save_now = self.step % FLAGS.save_step == 0 or self.step == self.cfg.total_steps
+                self.check_finite(loss, check_weights=save_now)
+                update_ema(self.ema_model, self.net_model, self.cfg.ema_decay)
+                pbar.update(1)
+                if self.rt.is_main:
+                    self.report(loss, writer, pbar)
+                    if save_now:
+                        self.save()
+                if save_now:
+                    runtime.barrier(self.rt)  # no rank reads a checkpoint rank 0 is still writing
+        if writer is not None:
+            writer.close()
+            wall = time.time() - start
+            print(json.dumps({"step": self.step, "ckpt": self.ckpt_path, "wall_s": round(wall, 1),
+                              "steps_per_s": round((self.step - first) / wall, 2)}))
 
 
-def restore(path, net_model, ema_model, optim, sched):
-    """Resume from ``path``: returns (step, x_T)."""
+def train_config(ckpt, source):
+    """``TrainConfig`` from the flags over a resumed checkpoint's; a changed value is said once."""
+    stored = configs.from_dict(configs.TrainConfig, ckpt["config"].get("train", {})) if ckpt else None
+    cfg = cflags.config_from_flags(configs.TrainConfig, stored, source, fixed=())
+    for name in configs.field_names(configs.TrainConfig) if stored else []:
+        if getattr(cfg, name) != getattr(stored, name) and name != "total_steps":
+            print(f"note: resuming with --{name}={getattr(cfg, name)} (the checkpoint had {getattr(stored, name)})")
+    return cfg
+
+
+def load_resumable(path):
+    """The training checkpoint to resume from, or None for a new run."""
+    if not os.path.exists(path):
+        return None
     ckpt = checkpoint.load_checkpoint(path)
     if "net_model" not in ckpt:
         raise UserError(f"{path} is not a training checkpoint (no 'net_model'): is it an SNN checkpoint?")
-    cflags.resolve_model_flags(ckpt["flags"], path)
-    net_model.load_state_dict(ckpt["net_model"])
-    ema_model.load_state_dict(ckpt["ema_model"])
-    optim.load_state_dict(ckpt["optim"])
-    sched.load_state_dict(ckpt["sched"])
-    return ckpt["step"], ckpt["x_T"]
-
-
-def save(path, step, net_model, ema_model, optim, sched, x_T):
-    checkpoint.save_atomic({
-        "net_model": net_model.state_dict(),
-        "ema_model": ema_model.state_dict(),
-        "optim": optim.state_dict(),
-        "sched": sched.state_dict(),
-        "step": step,
-        "x_T": x_T.cpu(),
-        "flags": stored_flags(),
-    }, path)
-
-
-def stored_flags():
-    train = {name: FLAGS[name].value for name in ("lr", "total_steps", "warmup", "batch_size", "ema_decay",
-                                                   "grad_clip", "seed")}
-    return {**cflags.model_flags(), **train}
-
-
-def log_scalars(writer, step, loss, lr, model):
-    writer.add_scalar("loss", loss, step)
-    writer.add_scalar("lr", lr, step)
-    for name, module in model.named_modules():
-        if isinstance(module, QuantReLU) and hasattr(module, "act_alpha"):
-            writer.add_scalar(f"act_alpha/{name}", module.act_alpha.item(), step)
-
-
-@torch.no_grad()
-def sample_grid(ema_model, x_T, path, rt):
-    ema_model.eval()
-    sampler = build_sampler(runtime.data_parallel(ema_model, FLAGS.parallel and not rt.distributed),
-                            cflags.model_flags(), FLAGS.sampler, FLAGS.sample_steps, FLAGS.eta).to(rt.device)
-    save_grid(sampler(x_T.to(rt.device)), path)
-
-
-def train_step(trainer, params, optim, sched, batch):
-    optim.zero_grad(set_to_none=True)
-    loss = trainer(batch).mean()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, FLAGS.grad_clip)
-    optim.step()
-    sched.step()
-    return loss.detach()
-
-
-def setup_models(rt):
-    net_model = build_unet(cflags.model_flags(), cflags.kernels()).to(rt.device)
     if FLAGS.init:
-        initialised = load_init(net_model, FLAGS.init)
-        if rt.is_main and initialised:
-            print(f"--init {FLAGS.init}: {len(initialised)} quantizer thresholds start at their initial value")
-    ema_model = copy.deepcopy(net_model)
-    optim = torch.optim.Adam(net_model.parameters(), lr=FLAGS.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda=warmup_lr(FLAGS.warmup))
-    return net_model, ema_model, optim, sched
+        raise UserError(f"--init={FLAGS.init} starts a new run, but {path} already exists: resume without --init, "
+                        "or give another --logdir")
+    return ckpt
+
+
+def prepare_logdir(logdir, rt):
+    """The output folders, free of temporaries an interrupted run left, and the flags of this run."""
+    if rt.is_main:
+        for folder in (logdir, os.path.join(logdir, "sample")):
+            os.makedirs(folder, exist_ok=True)
+            remove_stale_temporaries(folder)
+        with atomic_open(os.path.join(logdir, "flagfile.txt"), "w") as f:
+            f.write(FLAGS.flags_into_string())
+    runtime.barrier(rt)
 
 
 def main(argv):
-    rt = runtime.setup(FLAGS.seed)
     logdir = cflags.logdir()
     ckpt_path = os.path.join(logdir, "ckpt.pt")
-    dataset = data.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.img_size)
-    net_model, ema_model, optim, sched = setup_models(rt)
-    x_T = torch.randn(FLAGS.sample_size, 3, FLAGS.img_size, FLAGS.img_size)
-    step = 0
-    if os.path.exists(ckpt_path):
-        step, x_T = restore(ckpt_path, net_model, ema_model, optim, sched)
-        if rt.is_main:
-            print(f"resuming from {ckpt_path} at step {step}")
-    if step >= FLAGS.total_steps:
-        if rt.is_main:
-            print(f"{ckpt_path} is already at step {step} >= --total_steps={FLAGS.total_steps}; nothing to do")
-        runtime.teardown(rt)
+    ckpt = load_resumable(ckpt_path)
+    model_cfg = cflags.model_config(checkpoint.model_config(ckpt) if ckpt else None, ckpt_path)
+    cfg = train_config(ckpt, ckpt_path)
+    if ckpt and ckpt["step"] >= cfg.total_steps:
+        print(f"{ckpt_path} is already at step {ckpt['step']} >= --total_steps={cfg.total_steps}; nothing to do")
         return
-    runtime.seed_everything(FLAGS.seed + 1000003 * step + rt.rank)
-    trainer = runtime.wrap_model(
-        GaussianDiffusionTrainer(net_model, FLAGS.beta_1, FLAGS.beta_T, FLAGS.T).to(rt.device), rt, FLAGS.parallel)
-    batches = data.infinite_batches(dataset, FLAGS.batch_size, rt, FLAGS.num_workers, seed=FLAGS.seed + step)
-    writer = SummaryWriter(logdir) if rt.is_main else None
-    if rt.is_main:
-        os.makedirs(os.path.join(logdir, "sample"), exist_ok=True)
-        with open(os.path.join(logdir, "flagfile.txt"), "w") as f:
-            f.write(FLAGS.flags_into_string())
-    train_loop(rt, step, trainer, net_model, ema_model, optim, sched, batches, x_T, writer, ckpt_path)
+    rt = runtime.setup(cfg.seed)
+    dataset = data.load_dataset(model_cfg.data.dataset, FLAGS.data_dir, model_cfg.data.img_size)
+    loop = TrainLoop.create(cfg, model_cfg, rt, logdir)
+    if ckpt:
+        loop.restore(ckpt)
+        if rt.is_main:
+            print(f"resuming from {ckpt_path} at step {loop.step}")
+    prepare_logdir(logdir, rt)
+    loop.run(dataset)
     runtime.teardown(rt)
-
-
-def report(done, loss, pbar, start, writer, net_model, ema_model, sched, x_T, rt, logdir):
-    """Scalars and the progress bar every ``log_step``, a sample grid every ``sample_step``."""
-    if done % FLAGS.log_step == 0:
-        loss = loss.item()
-        log_scalars(writer, done, loss, sched.get_last_lr()[0], net_model)
-        pbar.set_postfix(loss=f"{loss:.4f}", steps_per_s=f"{(done - pbar.initial) / (time.time() - start):.2f}")
-    if FLAGS.sample_step > 0 and done % FLAGS.sample_step == 0:
-        sample_grid(ema_model, x_T, os.path.join(logdir, "sample", f"{done}.png"), rt)
-
-
-def check_finite(loss, model, step, ckpt_path):
-    """Stop before a NaN or inf reaches a checkpoint (the weights are checked when ``model`` is given)."""
-    bad = None if torch.isfinite(loss) else f"the loss became {loss.item()}"
-    if bad is None and model is not None and not all(torch.isfinite(p).all() for p in model.parameters()):
-        bad = "the weights became non-finite"
-    if bad:
-        raise UserError(f"{bad} at step {step}; training stopped and the last good checkpoint {ckpt_path} "
-                        "is kept (try a lower --lr or --grad_clip)")
-
-
-def train_loop(rt, step, trainer, net_model, ema_model, optim, sched, batches, x_T, writer, ckpt_path):
-    logdir = os.path.dirname(ckpt_path)
-    params = list(net_model.parameters())
-    start = time.time()
-    with trange(step, FLAGS.total_steps, initial=step, total=FLAGS.total_steps, dynamic_ncols=True,
-                disable=not rt.is_main, desc="train") as pbar:
-        for step in pbar:
-            net_model.train()
-            loss = train_step(trainer, params, optim, sched, next(batches))
-            done = step + 1
-            save_now = done % FLAGS.save_step == 0 or done == FLAGS.total_steps
-            check_finite(loss, net_model if save_now else None, done, ckpt_path)
-            update_ema(ema_model, net_model, FLAGS.ema_decay)
-            if rt.is_main:
-                report(done, loss, pbar, start, writer, net_model, ema_model, sched, x_T, rt, logdir)
-                if save_now:
-                    save(ckpt_path, done, net_model, ema_model, optim, sched, x_T)
-            if save_now:
-                runtime.barrier(rt)  # no rank reads a checkpoint rank 0 is still writing
-    if writer is not None:
-        writer.close()
-        summary = {"step": FLAGS.total_steps, "ckpt": ckpt_path, "wall_s": round(time.time() - start, 1)}
-        print(json.dumps(summary))
 
 
 if __name__ == "__main__":

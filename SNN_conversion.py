@@ -2,27 +2,27 @@
 
     python SNN_conversion.py --flagfile config/SNN_convert/CIFAR10_snn.txt [--flag=value ...]
 
-Writes into ``--logdir``: ``converted_snn.pt`` (the SNN checkpoint, DESIGN §6), ``images/`` (ANN
-and SNN samples from the same noise) and ``conversion.json`` (the relative error of the SNN's
-noise prediction, spike statistics and energy, DESIGN §8). The model is rebuilt from the flags
-stored in the checkpoint; a flag given explicitly that contradicts them is an error.
+Writes into ``--logdir``: ``converted_snn.pt`` (the SNN checkpoint), ``images/`` (ANN and SNN
+samples from the same noise) and ``conversion.json`` (the relative error of the SNN's noise
+prediction on the held-out batch stage 3 uses too, spike statistics and energy). The model is
+rebuilt from the configuration stored in the checkpoint; a flag given explicitly that
+contradicts it is an error. ``docs/conversion.md`` explains the conversion modes.
 """
 import os
 import time
 
 import torch
 from absl import flags
-from tqdm import tqdm
 
-from common import data, runtime
+from common import configs, runtime
 from common import flags as cflags
-from common.atomic import write_json
+from common.atomic import remove_stale_temporaries, write_json
 from common.errors import UserError, run
 from common.images import save_grid, side_by_side
 from common.models import build_sampler
-from diffusion import GaussianDiffusionTrainer
-from snn import convert
-from snn.io import load_training_ann, save_snn
+from common.progress import progress
+from snn import agreement
+from snn.io import load_training_ann, save_snn, to_snn
 from snn.stats import SpikeMonitor
 
 cflags.define_model_flags()
@@ -31,110 +31,92 @@ cflags.define_run_flags()
 cflags.define_sampler_flags()
 cflags.define_snn_flags()
 flags.DEFINE_integer("sample_size", 64, help="images in the ANN and SNN sample grids")
-flags.DEFINE_integer("error_size", 64, help="(x_t, t) pairs, t spread over the diffusion range, for the error")
-flags.DEFINE_integer("batch_size", 64, help="batch of the error and statistics forward passes")
+flags.DEFINE_integer("val_size", 128, help="held-out (x_t, t) pairs, t spread over the diffusion range, for the "
+                     "SNN-vs-ANN error (the batch stage 3 validates on, for the same --val_size and --seed)")
+for _name in ("sample_size", "val_size"):
+    flags.register_validator(_name, lambda v: v >= 1, message=f"--{_name} must be at least 1")
 FLAGS = flags.FLAGS
 
 
-def to_snn(ann, signed):
-    try:
-        return convert(ann, neuron="signed" if signed else "if")
-    except (ValueError, TypeError) as err:
-        raise UserError(f"cannot convert this model: {err}") from None
+@torch.no_grad()
+def sample_pair(ann, snn, cfg, sampler_cfg, device):
+    """ANN and SNN samples [N, 3, H, W] from the same x_T and the same sampler noise."""
+    _, sampler = build_sampler(cfg, sampler_cfg, device)
+    size = cfg.data.img_size
+    x_T = torch.randn(FLAGS.sample_size, 3, size, size, generator=runtime.generator(FLAGS.seed)).to(device)
+    images = []
+    for model in (ann, snn):
+        generator = runtime.generator(runtime.derived_seed(FLAGS.seed, 2), device)
+        x = x_T
+        for x in progress(sampler.steps(model, x_T, generator), total=sampler.network_calls, desc="sample",
+                          leave=False):
+            pass
+        images.append(x.clamp(-1, 1).cpu())
+    return images
 
 
-def clean_images(stored, n, fallback):
-    """``n`` noise-free images [n, 3, H, W] in [-1, 1]: the dataset's, else ``fallback`` (samples)."""
+def error_batch(cfg, device, fallback):
+    """The held-out (x_t, t) batch of stage 3; without the dataset, noised ``fallback`` images."""
+    diffusion, _ = build_sampler(cfg, configs.SamplerConfig(), device)
     try:
-        dataset = data.load_dataset(stored["dataset"], FLAGS.data_dir, stored["img_size"], flip=False)
+        return agreement.held_out_batch(cfg, FLAGS.val_size, diffusion, FLAGS.seed, FLAGS.data_dir, device), True
     except UserError as err:
         print(f"note: {err}; measuring the error on the ANN's own samples instead")
-        return fallback[:n].repeat((n + len(fallback) - 1) // len(fallback), 1, 1, 1)[:n]
-    generator = torch.Generator().manual_seed(FLAGS.seed)
-    index = torch.randperm(len(dataset), generator=generator)[:n]
-    return torch.stack([dataset[int(i)][0] for i in index])
+    x_0 = fallback.repeat((FLAGS.val_size + len(fallback) - 1) // len(fallback), 1, 1, 1)[:FLAGS.val_size]
+    held_out = [(x, 0) for x in x_0]
+    return agreement.validation_batch(held_out, FLAGS.val_size, diffusion, FLAGS.seed, device), False
 
 
 @torch.no_grad()
-def noise_errors(ann, snn, stored, x_0, device):
-    """Relative L2 error of the SNN's prediction vs the ANN's on x_t = q_sample(x_0, t, noise),
-    t evenly spread over [0, T_diffusion); also the SNN's spike statistics over the same passes."""
-    n = x_0.shape[0]
-    diffusion = GaussianDiffusionTrainer(ann, stored["beta_1"], stored["beta_T"], stored["T"])  # for q_sample
-    generator = torch.Generator().manual_seed(FLAGS.seed + 1)
-    t = torch.linspace(0, stored["T"] - 1, n).round().long()
-    x_t = diffusion.q_sample(x_0, t, torch.randn(x_0.shape, generator=generator))
-    eps_ann, eps_snn = [], []
+def noise_errors(ann, snn, x_t, t):
+    """The SNN's noise prediction against the ANN's: error, error by t quarter, spike statistics."""
+    ann_out = agreement.predictions(ann, x_t, t)
     monitor = SpikeMonitor(snn)
     with monitor:
-        for start in tqdm(range(0, n, FLAGS.batch_size), desc="error", dynamic_ncols=True):
-            xb, tb = x_t[start:start + FLAGS.batch_size].to(device), t[start:start + FLAGS.batch_size].to(device)
-            eps_ann.append(ann(xb, tb).cpu())
-            eps_snn.append(snn(xb, tb).cpu())
-    eps_ann, eps_snn = torch.cat(eps_ann), torch.cat(eps_snn)
-    quarters = []
-    for part in torch.arange(n).chunk(4):
-        a, s = eps_ann[part], eps_snn[part]
-        quarters.append({"t_min": int(t[part[0]]), "t_max": int(t[part[-1]]),
-                         "relative_error": float((s - a).norm() / a.norm())})
-    return float((eps_snn - eps_ann).norm() / eps_ann.norm()), quarters, monitor.summary()
-
-
-@torch.no_grad()
-def sample(model, stored, x_T, device):
-    """Samples [B, 3, H, W] in [-1, 1] from ``x_T``; the per-step noise is reseeded for every model."""
-    sampler = build_sampler(model, stored, FLAGS.sampler, FLAGS.sample_steps, FLAGS.eta).to(device)
-    runtime.seed_everything(FLAGS.seed + 2)
-    x = x_T.to(device)
-    steps = FLAGS.sample_steps if FLAGS.sampler == "ddim" else stored["T"]
-    for x in tqdm(sampler.steps(x), total=steps, desc="sample", dynamic_ncols=True, leave=False):
-        pass
-    return x.clamp(-1, 1).cpu()
-
-
-def sample_grids(ann, snn, stored, device, folder):
-    """ANN and SNN samples from one seeded noise: ``ann.png``, ``snn.png``, ``ann_vs_snn.png``."""
-    x_T = torch.randn(FLAGS.sample_size, 3, stored["img_size"], stored["img_size"],
-                      generator=torch.Generator().manual_seed(FLAGS.seed))
-    ann_x = sample(ann, stored, x_T, device)
-    snn_x = sample(snn, stored, x_T, device)
-    save_grid(ann_x, os.path.join(folder, "ann.png"))
-    save_grid(snn_x, os.path.join(folder, "snn.png"))
-    save_grid(side_by_side(ann_x, snn_x)[None], os.path.join(folder, "ann_vs_snn.png"), nrow=1)
-    return ann_x, snn_x
+        snn_out = agreement.predictions(snn, x_t, t)
+    return (agreement.relative_error(snn_out, ann_out), agreement.errors_by_quarter(snn_out, ann_out, t),
+            monitor.summary())
 
 
 def convert_and_measure(logdir, device):
-    start = time.time()
-    ckpt_path = os.path.join(logdir, "ckpt.pt")
-    ann, stored, ckpt = load_training_ann(ckpt_path, device, cflags.kernels(), cflags.resolve_model_flags)
-    step = ckpt.get("step")
-    snn = to_snn(ann, FLAGS.sign)
+    """Convert, save, sample and measure; returns the conversion.json record."""
+    start, ckpt_path = time.time(), os.path.join(logdir, "ckpt.pt")
+    ann, cfg, ckpt = load_training_ann(ckpt_path, device, cflags.kernels())
+    cflags.model_config(cfg, ckpt_path)  # explicit flags must agree with the checkpoint
+    sampler_cfg, snn_cfg = cflags.sampler_config(cfg.diffusion.T), cflags.snn_config()
+    build_sampler(cfg, sampler_cfg)  # a sampler this model cannot use fails before any work
+    snn = to_snn(ann, snn_cfg)
     snn_path = os.path.join(logdir, "converted_snn.pt")
-    save_snn(snn_path, snn, ckpt["flags"], source=os.path.abspath(ckpt_path), step=step)
-    print(f"converted {ckpt_path} (bit={snn.bit}, T={snn.time_steps}, neuron={snn.neuron}) -> {snn_path}")
+    save_snn(snn_path, snn, cfg, snn_cfg, source=os.path.abspath(ckpt_path), step=ckpt.get("step"))
+    print(f"converted {ckpt_path} (bit={cfg.unet.bit}, time_steps={snn.time_steps}, neuron={snn_cfg.neuron}) "
+          f"-> {snn_path}")
     ann_run, snn_run = runtime.data_parallel(ann, FLAGS.parallel), runtime.data_parallel(snn, FLAGS.parallel)
-    ann_x, snn_x = sample_grids(ann_run, snn_run, stored, device, os.path.join(logdir, "images"))
-    x_0 = clean_images(stored, FLAGS.error_size, ann_x)
-    error, by_t, stats = noise_errors(ann_run, snn_run, stored, x_0, device)
-    result = {
-        "bit": snn.bit, "T": snn.time_steps, "signed": snn.neuron == "signed", "source": os.path.abspath(ckpt_path),
-        "step": step, "snn_checkpoint": os.path.abspath(snn_path),
-        "noise_relative_error": error, "noise_relative_error_by_t": by_t, "error_size": FLAGS.error_size,
-        "sample_relative_error": float((snn_x - ann_x).norm() / ann_x.norm()),
-        "sampler": FLAGS.sampler, "sample_steps": FLAGS.sample_steps if FLAGS.sampler == "ddim" else stored["T"],
-        "sample_size": FLAGS.sample_size, "seed": FLAGS.seed,
-        "spike_stats": stats, "wall_s": round(time.time() - start, 1),
+    ann_x, snn_x = sample_pair(ann_run, snn_run, cfg, sampler_cfg, device)
+    folder = os.path.join(logdir, "images")
+    save_grid(ann_x, os.path.join(folder, "ann.png"))
+    save_grid(snn_x, os.path.join(folder, "snn.png"))
+    save_grid(side_by_side(ann_x, snn_x), os.path.join(folder, "ann_vs_snn.png"), nrow=1)
+    (x_t, t), held_out = error_batch(cfg, device, ann_x)
+    error, by_t, stats = noise_errors(ann_run, snn_run, x_t, t)
+    return {
+        "bit": cfg.unet.bit, "time_steps": snn.time_steps, **configs.to_dict(snn_cfg),
+        "source": os.path.abspath(ckpt_path), "step": ckpt.get("step"), "snn_checkpoint": os.path.abspath(snn_path),
+        "noise_relative_error": error, "noise_relative_error_by_t": by_t, "val_size": FLAGS.val_size,
+        "val_images": "held-out" if held_out else "ANN samples",
+        "sample_relative_error": agreement.relative_error(snn_x, ann_x), **configs.to_dict(sampler_cfg),
+        "network_calls": build_sampler(cfg, sampler_cfg)[1].network_calls, "sample_size": FLAGS.sample_size,
+        "seed": FLAGS.seed, "spike_stats": stats, "wall_s": round(time.time() - start, 1),
     }
-    write_json(result, os.path.join(logdir, "conversion.json"))
-    return result
 
 
 def main(argv):
     rt = runtime.setup(FLAGS.seed)
     logdir = cflags.logdir()
     if rt.is_main:
+        for folder in (logdir, os.path.join(logdir, "images")):
+            remove_stale_temporaries(folder)
         result = convert_and_measure(logdir, rt.device)
+        write_json(result, os.path.join(logdir, "conversion.json"))
         stats = result["spike_stats"]
         print(f"noise prediction relative error {result['noise_relative_error']:.4f}, "
               f"firing rate {stats['firing_rate']:.4f}, energy per sample "

@@ -1,17 +1,18 @@
-"""Stage 3: block-wise fine-tuning of the converted SNN against the quantized ANN (DESIGN §4).
+"""Stage 3: block-wise fine-tuning of the converted SNN against the quantized ANN.
 
     python SNN_ft.py --flagfile config/SNN_ft/CIFAR10_snnft.txt [--flag=value ...]
 
 Reads ``<logdir>/ckpt.pt`` (the quantized ANN, EMA weights), converts it and tunes the SNN block
-by block. Writes under ``<logdir>/SNN_{bit}bit_ft/``: ``model_backpacks/`` (a checkpoint after
-every block), ``ft_blocks_samples/`` (a sample grid after every block), ``snn_ft.pt`` (the
-fine-tuned SNN, loadable by ``evaluate.py``), ``finetune.json`` and tensorboard events. A
-restart continues after the last finished block; ``--restart`` starts again.
+by block (``docs/finetune.md``). Writes under ``<logdir>/SNN_{bit}bit_ft/``: ``model_backpacks/``
+(a checkpoint after every block), ``ft_blocks_samples/`` (a sample grid after every block),
+``snn_ft.pt`` (the fine-tuned SNN, loadable by ``evaluate.py``), ``finetune.json`` and
+tensorboard events. A restart continues after the last finished block with the settings stored
+in its backpack (``--logdir`` is enough); ``--restart`` starts again.
 """
 import glob
-import hashlib
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -19,16 +20,15 @@ from absl import flags
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from common import checkpoint, data, runtime
+from common import checkpoint, configs, data, runtime
 from common import flags as cflags
-from common.atomic import write_json
+from common.atomic import remove_stale_temporaries, write_json
 from common.errors import UserError, run
 from common.images import save_grid
 from common.models import build_sampler
-from diffusion import GaussianDiffusionTrainer
-from snn import finetune
-from snn.convert import convert
-from snn.io import load_training_ann, save_snn
+from common.progress import progress
+from snn import agreement, finetune
+from snn.io import load_training_ann, save_snn, to_snn
 
 cflags.define_model_flags()
 cflags.define_data_flags()
@@ -40,37 +40,21 @@ flags.DEFINE_float("lr", 1e-6, help="Adam learning rate of every block")
 flags.DEFINE_integer("ft_steps", 20000, help="fine-tuning steps per block")
 flags.DEFINE_integer("batch_size", 128, help="global batch size")
 flags.DEFINE_float("grad_clip", 1.0, help="gradient norm clipping (0: none)")
-flags.DEFINE_integer("val_size", 128, help="images in the fixed held-out batch that decides keep or revert")
+flags.DEFINE_integer("val_size", 128, help="held-out (x_t, t) pairs that decide keep or revert (the batch of "
+                     "stage 2's error, for the same --val_size and --seed)")
 flags.DEFINE_bool("restart", False, help="discard earlier progress in SNN_{bit}bit_ft and start from the converted SNN")
 # Logging and sampling
 flags.DEFINE_integer("log_step", 10, help="frequency of the training-loss scalars")
 flags.DEFINE_integer("sample_size", 64, help="images in the grid sampled after every block (0: no grids)")
+for _name in ("batch_size", "val_size", "log_step"):
+    flags.register_validator(_name, lambda v: v >= 1, message=f"--{_name} must be at least 1")
+for _name in ("ft_steps", "sample_size", "grad_clip"):
+    flags.register_validator(_name, lambda v: v >= 0, message=f"--{_name} must be 0 or more")
+flags.register_validator("lr", lambda v: v > 0, message="--lr must be positive")
 FLAGS = flags.FLAGS
 
 # Changing these would make the stored validation errors incomparable with new ones.
-RESUME_FIXED = ("source_sha256", "val_size", "seed", "signed")
-
-
-def settings():
-    names = ("lr", "ft_steps", "batch_size", "grad_clip", "val_size", "seed")
-    source = os.path.join(cflags.logdir(), "ckpt.pt")
-    return {**{name: FLAGS[name].value for name in names}, "signed": FLAGS.sign, "source_sha256": file_digest(source)}
-
-
-def file_digest(path):
-    """sha256 of a file: a backpack is only resumed against the very ckpt.pt it was tuned from."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def make_snn(ann):
-    try:
-        return convert(ann, neuron="signed" if FLAGS.sign else "if").eval()
-    except ValueError as err:
-        raise UserError(f"cannot convert {cflags.logdir()}/ckpt.pt: {err}") from None
+RESUME_FIXED = ("val_size", "seed")
 
 
 def backpack_path(out_dir, index, name):
@@ -78,31 +62,19 @@ def backpack_path(out_dir, index, name):
 
 
 def latest_backpack(out_dir):
-    """Path of the backpack with the highest block index, or None."""
+    """(path, checkpoint) of the last readable backpack, or (None, None); an unreadable newer one
+    (a write cut short by a crash of the machine) is reported and passed over."""
     paths = sorted(glob.glob(os.path.join(out_dir, "model_backpacks", "block_[0-9][0-9]_*.pt")))
-    return paths[-1] if paths else None
-
-
-def resume(out_dir, snn, path):
-    """Load the SNN weights and the fine-tuning state of the backpack at ``path``."""
-    ckpt = checkpoint.load_checkpoint(path)
-    state = ckpt.get("finetune")
-    if state is None:
-        raise UserError(f"{path} is not a fine-tuning backpack (no 'finetune' entry)")
-    now = settings()
-    if state["settings"].get("source_sha256") != now["source_sha256"]:
-        raise UserError(f"{cflags.logdir()}/ckpt.pt has changed since the fine-tuning in {out_dir} started: "
-                        "use --restart to tune the new checkpoint")
-    for name in RESUME_FIXED[1:]:
-        if state["settings"].get(name) != now[name]:
-            flag = "sign" if name == "signed" else name
-            raise UserError(f"{out_dir} was tuned with --{flag}={state['settings'][name]}, now --{flag}="
-                            f"{now[name]}: use the same value, or --restart to start again")
-    try:
-        snn.load_state_dict(ckpt["ema_model"])
-    except RuntimeError as err:
-        raise UserError(f"{path} does not fit the SNN of this ckpt.pt: {str(err).splitlines()[0]}") from None
-    return state
+    for path in reversed(paths):
+        try:
+            ckpt = checkpoint.load_checkpoint(path)
+        except UserError as err:
+            print(f"note: {err}; continuing from the backpack before it")
+            continue
+        if "finetune" not in ckpt:
+            raise UserError(f"{path} is not a fine-tuning backpack (no 'finetune' entry); use --restart")
+        return path, ckpt
+    return None, None
 
 
 def clear_outputs(out_dir):
@@ -113,11 +85,110 @@ def clear_outputs(out_dir):
             os.remove(path)
 
 
-def summary(state, out_dir, finished):
-    return {"ckpt": os.path.join(cflags.logdir(), "ckpt.pt"), "bit": FLAGS.bit, "T": 2 ** FLAGS.bit - 1,
-            "signed": FLAGS.sign, "settings": state["settings"], "converted_error": state["converted_error"],
-            "final_error": state["val_error"], "finished": finished,
-            "snn_ft": os.path.join(out_dir, "snn_ft.pt") if finished else None, "blocks": state["records"]}
+def resumed_settings(backpack, path, source_digest):
+    """(SNNConfig, FinetuneConfig) of a resumed run: the backpack's, with given flags checked."""
+    state = backpack["finetune"]
+    if state["source_sha256"] != source_digest:
+        raise UserError(f"the ckpt.pt this fine-tuning started from has changed since {path} was written: "
+                        "use --restart to tune the new checkpoint")
+    snn_cfg = cflags.snn_config(checkpoint.snn_config(backpack), path)
+    stored = configs.from_dict(configs.FinetuneConfig, state["config"])
+    ft_cfg = cflags.config_from_flags(configs.FinetuneConfig, stored, path, fixed=RESUME_FIXED)
+    for name in set(configs.field_names(configs.FinetuneConfig)) - set(RESUME_FIXED):
+        if getattr(ft_cfg, name) != getattr(stored, name):
+            print(f"note: the remaining blocks use --{name}={getattr(ft_cfg, name)} (earlier ones: "
+                  f"{getattr(stored, name)})")
+    return snn_cfg, ft_cfg
+
+
+@dataclass
+class FinetuneRun:
+    """What stage 3 shares: the two models, the settings, the progress state and the outputs."""
+    ann: torch.nn.Module
+    snn: torch.nn.Module
+    cfg: configs.ModelConfig
+    snn_cfg: configs.SNNConfig
+    ft_cfg: configs.FinetuneConfig
+    state: dict
+    out_dir: str
+    rt: runtime.Runtime
+
+    def sample_grid(self, model, name):
+        """A grid from fixed noise and a fixed sampler seed, so the grids of all blocks compare."""
+        if FLAGS.sample_size <= 0:
+            return
+        size = self.cfg.data.img_size
+        x_T = torch.randn(FLAGS.sample_size, 3, size, size, generator=runtime.generator(self.ft_cfg.seed))
+        _, sampler = build_sampler(self.cfg, cflags.sampler_config(self.cfg.diffusion.T), self.rt.device)
+        model = runtime.data_parallel(model, FLAGS.parallel and not self.rt.distributed)
+        generator = runtime.generator(runtime.derived_seed(self.ft_cfg.seed, 2), self.rt.device)
+        with torch.no_grad():
+            images = sampler(model, x_T.to(self.rt.device), generator)
+        save_grid(images, os.path.join(self.out_dir, "ft_blocks_samples", name + ".png"))
+
+    def summary(self, finished):
+        return {"ckpt": self.state["source"], "bit": self.cfg.unet.bit, "time_steps": self.snn.time_steps,
+                **configs.to_dict(self.snn_cfg), "settings": configs.to_dict(self.ft_cfg),
+                "val_size": self.ft_cfg.val_size, "converted_error": self.state["converted_error"],
+                "final_error": self.state["val_error"], "finished": finished,
+                "snn_ft": os.path.join(self.out_dir, "snn_ft.pt") if finished else None,
+                "blocks": self.state["records"]}
+
+    def save(self, path):
+        self.state["config"] = configs.to_dict(self.ft_cfg)
+        save_snn(path, self.snn, self.cfg, self.snn_cfg, finetune=self.state)
+
+    def finish(self):
+        path = os.path.join(self.out_dir, "snn_ft.pt")
+        if self.rt.is_main:
+            if not os.path.exists(path):
+                self.save(path)
+            write_json(self.summary(finished=True), os.path.join(self.out_dir, "finetune.json"))
+            kept = sum(r["kept"] for r in self.state["records"])
+            print(json.dumps({"snn_ft": path, "converted_error": self.state["converted_error"],
+                              "final_error": self.state["val_error"], "blocks_kept": kept,
+                              "blocks": len(self.state["records"])}))
+        runtime.barrier(self.rt)
+
+
+class Recorder:
+    """Rank 0's outputs after every step and block: progress, backpack, sample grid, JSON, tensorboard."""
+
+    def __init__(self, ft_run):
+        self.run, self.bar = ft_run, None
+        self.writer = SummaryWriter(ft_run.out_dir) if ft_run.rt.is_main else None
+
+    def on_step(self, pair, step, loss):
+        if self.bar is None:
+            self.bar = progress(total=self.run.ft_cfg.ft_steps, desc=f"[{pair.index + 1}] {pair.name}",
+                                disable=not self.run.rt.is_main)
+        self.bar.update(1)
+        if self.run.rt.is_main and (step + 1) % FLAGS.log_step == 0:
+            loss = loss.item()
+            self.bar.set_postfix(loss=f"{loss:.3e}", refresh=False)
+            self.writer.add_scalar(f"train_loss/{pair.name}", loss, step + 1)
+
+    def on_block(self, record, val_error):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        state = self.run.state
+        state["records"].append(record.as_dict())
+        state["next_block"], state["val_error"] = record.index + 1, val_error
+        if self.run.rt.is_main:
+            self.write(record)
+        runtime.barrier(self.run.rt)
+
+    def write(self, record):
+        self.run.save(backpack_path(self.run.out_dir, record.index, record.name))
+        self.run.sample_grid(self.run.snn, f"block_{record.index:02d}_{record.name}")
+        write_json(self.run.summary(finished=False), os.path.join(self.run.out_dir, "finetune.json"))
+        for key in ("loss_start", "loss_end", "val_before", "val_after", "kept"):
+            self.writer.add_scalar(f"block/{key}", float(getattr(record, key)), record.index)
+        self.writer.add_scalar("val_error", self.run.state["val_error"], record.index + 1)
+        verdict = "kept" if record.kept else "reverted"
+        tqdm.write(f"[{record.index + 1}] {record.name}: block loss {record.loss_start:.4e} -> {record.loss_end:.4e}, "
+                   f"SNN-vs-ANN error {record.val_before:.5f} -> {record.val_after:.5f}: {verdict}")
 
 
 def shared_error(rt, compute):
@@ -128,162 +199,85 @@ def shared_error(rt, compute):
     return value.item()
 
 
-def make_validator(snn, ann, val_batch, rt):
-    """validate() -> the whole SNN's relative L2 error to the ANN's noise prediction on the fixed batch."""
-    x_t, t = val_batch
-    chunk = max(1, FLAGS.batch_size // rt.world_size)
-    with torch.no_grad():
-        ann_out = torch.cat([ann(x_t[i:i + chunk], t[i:i + chunk]) for i in range(0, len(t), chunk)])
-    model = runtime.data_parallel(snn, FLAGS.parallel and not rt.distributed)
-    return lambda: shared_error(rt, lambda: finetune.relative_error(model, ann_out, x_t, t, chunk))
+def make_validator(ft_run, data_dir):
+    """validate() -> the whole SNN's relative error to the ANN's noise prediction on the held-out batch."""
+    diffusion, _ = build_sampler(ft_run.cfg, configs.SamplerConfig(), ft_run.rt.device)
+    x_t, t = agreement.held_out_batch(ft_run.cfg, ft_run.ft_cfg.val_size, diffusion, ft_run.ft_cfg.seed, data_dir,
+                                      ft_run.rt.device)
+    ann_out = agreement.predictions(ft_run.ann, x_t, t)
+    model = runtime.data_parallel(ft_run.snn, FLAGS.parallel and not ft_run.rt.distributed)
+
+    def validate():
+        return shared_error(ft_run.rt, lambda: agreement.relative_error(agreement.predictions(model, x_t, t), ann_out))
+    per_rank = ft_run.ft_cfg.batch_size // ft_run.rt.world_size
+    return validate, (x_t[:per_rank], t[:per_rank])
 
 
-def make_batches(dataset, q_sample, rt):
+def make_batches(ft_run, dataset):
     """batches_for(index): block ``index``'s (x_t, t) stream, reproducible per block and rank."""
+    rt, ft_cfg = ft_run.rt, ft_run.ft_cfg
+    diffusion, _ = build_sampler(ft_run.cfg, configs.SamplerConfig(), rt.device)
+
     def batches_for(index):
-        generator = torch.Generator(device=rt.device).manual_seed(FLAGS.seed + 1000003 * (index + 1) + rt.rank)
-        loader = data.infinite_batches(dataset, FLAGS.batch_size, rt, FLAGS.num_workers, seed=FLAGS.seed + index)
-        return (finetune.draw_batch(x_0, q_sample, FLAGS.T, generator) for x_0 in loader)
+        generator = runtime.generator(runtime.derived_seed(ft_cfg.seed, index, rt.rank), rt.device)
+        loader = data.training_batches(dataset, ft_cfg.batch_size, rt, FLAGS.num_workers,
+                                       seed=runtime.derived_seed(ft_cfg.seed, index))
+        return (finetune.draw_batch(data.random_flip(x_0, generator), diffusion, generator) for x_0 in loader)
     return batches_for
 
 
-def sample_grid(model, stored, x_T, path, rt):
-    """A grid from the fixed noise ``x_T`` with the RNG reseeded, so grids of all blocks compare."""
-    if FLAGS.sample_size <= 0:
-        return
-    sampler = build_sampler(runtime.data_parallel(model, FLAGS.parallel and not rt.distributed), stored,
-                            FLAGS.sampler, FLAGS.sample_steps, FLAGS.eta).to(rt.device)
-    with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []), torch.no_grad():
-        torch.manual_seed(FLAGS.seed)
-        save_grid(sampler(x_T.to(rt.device)), path)
-
-
-class Recorder:
-    """Rank 0's outputs after every block: backpack, sample grid, finetune.json, tensorboard."""
-
-    def __init__(self, snn, stored, state, out_dir, x_T, rt):
-        self.snn, self.stored, self.state, self.out_dir, self.x_T, self.rt = snn, stored, state, out_dir, x_T, rt
-        self.writer = SummaryWriter(out_dir) if rt.is_main else None
-        self.bar = None
-
-    def on_step(self, pair, step, loss):
-        if self.bar is None:
-            self.bar = tqdm(total=FLAGS.ft_steps, desc=f"[{pair.index + 1}] {pair.name}", dynamic_ncols=True,
-                            disable=not self.rt.is_main)
-        self.bar.update(1)
-        if self.rt.is_main and (step + 1) % FLAGS.log_step == 0:
-            loss = loss.item()
-            self.bar.set_postfix(loss=f"{loss:.3e}")
-            self.writer.add_scalar(f"train_loss/{pair.name}", loss, step + 1)
-        if step + 1 == FLAGS.ft_steps:
-            self.bar.close()
-            self.bar = None
-
-    def on_block(self, record, val_error):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-        self.state["records"].append(record.as_dict())
-        self.state["next_block"] = record.index + 1
-        self.state["val_error"] = val_error
-        if self.rt.is_main:
-            self.write(record)
-        runtime.barrier(self.rt)
-
-    def write(self, record):
-        save_snn(backpack_path(self.out_dir, record.index, record.name), self.snn, self.stored, finetune=self.state)
-        sample_grid(self.snn, self.stored, self.x_T,
-                    os.path.join(self.out_dir, "ft_blocks_samples", f"block_{record.index:02d}_{record.name}.png"),
-                    self.rt)
-        write_json(summary(self.state, self.out_dir, finished=False), os.path.join(self.out_dir, "finetune.json"))
-        values = record.as_dict()
-        for key in ("loss_start", "loss_end", "val_before", "val_after", "kept"):
-            self.writer.add_scalar(f"block/{key}", float(values[key]), record.index)
-        self.writer.add_scalar("val_error", self.state["val_error"], record.index + 1)
-        verdict = "kept" if record.kept else "reverted"
-        tqdm.write(f"[{record.index + 1}] {record.name}: block loss {record.loss_start:.4e} -> {record.loss_end:.4e}, "
-                   f"SNN-vs-ANN error {record.val_before:.5f} -> {record.val_after:.5f}: {verdict}")
-
-
-def start_state(snn, ann, validate, stored, x_T, out_dir, rt):
-    """The fine-tuning state to continue from: the latest backpack's, or a fresh one."""
+def start(logdir, rt):
+    """The ``FinetuneRun`` to continue: from the last backpack, or from the converted SNN."""
+    ckpt_path = os.path.join(logdir, "ckpt.pt")
+    ann, cfg, _ = load_training_ann(ckpt_path, rt.device, cflags.kernels())
+    cflags.model_config(cfg, ckpt_path)
+    cflags.sampler_config(cfg.diffusion.T)  # a bad sampler setting fails before any work
+    out_dir = os.path.join(logdir, f"SNN_{cfg.unet.bit}bit_ft")
     if FLAGS.restart and rt.is_main:
         clear_outputs(out_dir)
     runtime.barrier(rt)
-    path = latest_backpack(out_dir)
-    if path is not None:
-        state = resume(out_dir, snn, path)
+    path, backpack = latest_backpack(out_dir)
+    digest = checkpoint.file_digest(ckpt_path)
+    if backpack is None:
+        snn_cfg, ft_cfg = cflags.snn_config(), cflags.config_from_flags(configs.FinetuneConfig)
+        state = {"next_block": 0, "records": [], "source": ckpt_path, "source_sha256": digest}
+    else:
+        snn_cfg, ft_cfg = resumed_settings(backpack, path, digest)
+        state = backpack["finetune"]
+    snn = to_snn(ann, snn_cfg)
+    if backpack is not None:
+        checkpoint.load_weights(snn, backpack["model"], path)
         if rt.is_main:
             print(f"resuming from {path}: {state['next_block']} block(s) done")
-        return state
-    state = {"next_block": 0, "records": [], "settings": settings(), "val_error": None}
-    state["converted_error"] = state["val_error"] = validate()
-    if rt.is_main:
-        print(f"converted SNN: relative error to the ANN {state['converted_error']:.5f}")
-        samples = os.path.join(out_dir, "ft_blocks_samples")
-        sample_grid(ann, stored, x_T, os.path.join(samples, "ann.png"), rt)
-        sample_grid(snn, stored, x_T, os.path.join(samples, "converted.png"), rt)
-    return state
-
-
-def finish(snn, stored, state, out_dir, rt):
-    path = os.path.join(out_dir, "snn_ft.pt")
-    if rt.is_main:
-        if not os.path.exists(path):
-            save_snn(path, snn, stored, finetune=state)
-        write_json(summary(state, out_dir, finished=True), os.path.join(out_dir, "finetune.json"))
-        kept = sum(r["kept"] for r in state["records"])
-        print(json.dumps({"snn_ft": path, "converted_error": state["converted_error"],
-                          "final_error": state["val_error"], "blocks_kept": kept, "blocks": len(state["records"])}))
-    runtime.barrier(rt)
-
-
-def check_flags():
-    if FLAGS.sampler == "ddim" and not 1 <= FLAGS.sample_steps <= FLAGS.T:
-        raise UserError(f"--sample_steps must be in 1..{FLAGS.T}, got {FLAGS.sample_steps}")
-    for name in ("ft_steps", "val_size", "batch_size"):
-        if FLAGS[name].value < (0 if name == "ft_steps" else 1):
-            raise UserError(f"--{name} must be positive, got {FLAGS[name].value}")
-
-
-def setup(rt):
-    """Models, data and the fixed batches: (ann, snn, stored, dataset, trainer, val_batch, x_T)."""
-    ann, stored, _ = load_training_ann(os.path.join(cflags.logdir(), "ckpt.pt"), rt.device, cflags.kernels(),
-                                       cflags.resolve_model_flags)
-    check_flags()
-    snn = make_snn(ann)
-    dataset = data.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.img_size)
-    held_out = data.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.img_size, flip=False, train=False)
-    trainer = GaussianDiffusionTrainer(ann, FLAGS.beta_1, FLAGS.beta_T, FLAGS.T).to(rt.device)
-    try:
-        val_batch = finetune.validation_batch(held_out, FLAGS.val_size, trainer.q_sample, FLAGS.T, FLAGS.seed,
-                                              rt.device)
-    except ValueError as err:
-        raise UserError(f"--val_size: {err}") from None
-    x_T = torch.randn(max(FLAGS.sample_size, 0), 3, FLAGS.img_size, FLAGS.img_size,
-                      generator=torch.Generator().manual_seed(FLAGS.seed))
-    return ann, snn, stored, dataset, trainer, val_batch, x_T
+    return FinetuneRun(ann, snn, cfg, snn_cfg, ft_cfg, state, out_dir, rt)
 
 
 def main(argv):
     rt = runtime.setup(FLAGS.seed)
-    ann, snn, stored, dataset, trainer, val_batch, x_T = setup(rt)
-    out_dir = os.path.join(cflags.logdir(), f"SNN_{FLAGS.bit}bit_ft")
-    validate = make_validator(snn, ann, val_batch, rt)
-    state = start_state(snn, ann, validate, stored, x_T, out_dir, rt)
-    n_blocks = len(snn.blocks())
-    if state["next_block"] >= n_blocks:
+    ft_run = start(cflags.logdir(), rt)
+    if rt.is_main:
+        for sub in ("", "model_backpacks", "ft_blocks_samples"):
+            remove_stale_temporaries(os.path.join(ft_run.out_dir, sub))
+    validate, probe = make_validator(ft_run, FLAGS.data_dir)
+    if ft_run.state["next_block"] == 0:
+        ft_run.state["converted_error"] = ft_run.state["val_error"] = validate()
+        if rt.is_main:
+            print(f"converted SNN: relative error to the ANN {ft_run.state['converted_error']:.5f}")
+            ft_run.sample_grid(ft_run.ann, "ann")
+            ft_run.sample_grid(ft_run.snn, "converted")
+    n_blocks = len(ft_run.snn.blocks())
+    if ft_run.state["next_block"] >= n_blocks:
         if rt.is_main:
             print(f"all {n_blocks} blocks are already tuned (use --restart to tune again)")
-        finish(snn, stored, state, out_dir, rt)
+        ft_run.finish()
         return runtime.teardown(rt)
-    recorder = Recorder(snn, stored, state, out_dir, x_T, rt)
-    per_rank = FLAGS.batch_size // rt.world_size
-    probe = (val_batch[0][:per_rank], val_batch[1][:per_rank])
-    finetune.finetune(snn, ann, make_batches(dataset, trainer.q_sample, rt), validate, probe, FLAGS.lr,
-                      FLAGS.ft_steps, FLAGS.grad_clip, start_block=state["next_block"], val_error=state["val_error"],
-                      world_size=rt.world_size, on_block=recorder.on_block, on_step=recorder.on_step)
-    finish(snn, stored, state, out_dir, rt)
+    dataset = data.load_dataset(ft_run.cfg.data.dataset, FLAGS.data_dir, ft_run.cfg.data.img_size)
+    recorder = Recorder(ft_run)
+    tuner = finetune.Tuner(ft_run.snn, ft_run.ann, ft_run.ft_cfg, validate, probe, rt.world_size,
+                           recorder.on_step, recorder.on_block)
+    tuner.run(make_batches(ft_run, dataset), start_block=ft_run.state["next_block"],
+              val_error=ft_run.state["val_error"])
+    ft_run.finish()
     if recorder.writer is not None:
         recorder.writer.close()
     runtime.teardown(rt)

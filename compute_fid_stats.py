@@ -10,11 +10,11 @@ import numpy as np
 import torch
 from absl import flags
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from common import data, runtime
 from common import flags as cflags
-from common.errors import run
+from common.errors import UserError, run
+from common.progress import progress
 from metrics import inception
 
 cflags.define_data_flags()
@@ -22,6 +22,10 @@ flags.DEFINE_integer("img_size", 32, help="image size (the size the evaluated mo
 flags.DEFINE_string("out", None, help="output .npz (default: stats/<dataset>.train.npz)")
 flags.DEFINE_integer("batch_size", 50, help="batch size of the Inception network")
 flags.DEFINE_integer("num_images", 0, help="use only the first N training images (0: all)")
+flags.register_validator("img_size", lambda v: v >= 4, message="--img_size must be at least 4")
+flags.register_validator("batch_size", lambda v: v >= 1, message="--batch_size must be at least 1")
+flags.register_validator("num_images", lambda v: v >= 0, message="--num_images must be 0 (all) or more")
+cflags.register_file_validator("out")
 FLAGS = flags.FLAGS
 
 
@@ -29,7 +33,7 @@ def dataset_features(net, dataset, device, batch_size, num_workers):
     """Pool3 features [N, 2048] of a dataset of (image [3, H, W] in [-1, 1], label)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     feats = []
-    for x, _ in tqdm(loader, desc="inception", unit="batch", dynamic_ncols=True):
+    for x, _ in progress(loader, desc="inception", unit="batch"):
         f, _ = inception.inception_outputs(net, (x + 1) / 2, device, batch_size)
         feats.append(f)
     return np.concatenate(feats)
@@ -38,8 +42,10 @@ def dataset_features(net, dataset, device, batch_size, num_workers):
 def main(argv):
     rt = runtime.setup(0)
     out = FLAGS.out or f"stats/{FLAGS.dataset}.train.npz"
+    if not cflags.creatable(out, folder=False):  # before hours of features, not after
+        raise UserError(f"cannot write {out}: a regular file is in the way of its folder, or it is a folder")
     net = inception.load_inception(rt.device)  # before the dataset: fail fast offline
-    dataset = data.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.img_size, flip=False, train=True)
+    dataset = data.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.img_size, train=True)
     if FLAGS.num_images > 0:
         dataset = torch.utils.data.Subset(dataset, range(min(FLAGS.num_images, len(dataset))))
     feats = dataset_features(net, dataset, rt.device, FLAGS.batch_size, FLAGS.num_workers)

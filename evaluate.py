@@ -3,31 +3,34 @@
     python evaluate.py --flagfile config/SNN_evaluate/CIFAR10_snn.txt [--flag=value ...]
 
 ``--eval_model_path`` names a converted or fine-tuned SNN checkpoint or an ANN ``ckpt.pt``; the
-model is rebuilt from the flags stored in it, so an ANN and its SNN are evaluated the same way.
-Images are generated in shards under ``<logdir>/eval_<tag>/`` (a restarted run resumes from
-them; under torchrun the ranks share the shards), then rank 0 computes IS and FID against
+model is rebuilt from the configuration stored in it, so an ANN and its SNN are evaluated the
+same way. Images are generated in shards under ``<logdir>/eval_<tag>/`` (a restarted run resumes
+from them; under torchrun the ranks share the shards), then rank 0 computes IS and FID against
 ``--fid_cache``, measures the energy per generated image and, for an SNN whose ANN is at hand,
 the PSNR between SNN and ANN samples drawn from the same noise. One JSON line per run is
-appended to ``<logdir>/snn_eval.txt``.
+appended to ``<logdir>/snn_eval.txt`` (``docs/formats.md``).
 """
+import functools
 import json
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 from absl import flags
 from PIL import Image
-from tqdm import tqdm
 
-from common import runtime
+from common import configs, runtime
 from common import flags as cflags
+from common.atomic import remove_stale_temporaries
 from common.errors import UserError, run
 from common.images import save_grid
 from common.models import build_sampler
+from common.progress import progress
 from metrics import inception, shards
 from metrics.report import append_jsonl, psnr
-from snn.io import load_model
+from snn.io import Loaded, load_model
 from snn.stats import SpikeMonitor
 
 cflags.define_model_flags()
@@ -52,15 +55,13 @@ flags.DEFINE_integer("probe_images", 8, help="images sampled once more with the 
 # Outputs
 flags.DEFINE_bool("pic_or_not", True, help="save a grid of generated images into <logdir>/images/")
 flags.DEFINE_string("save_images", None, help="also write every generated image as a PNG into this folder")
+for _name in ("num_images", "batch_size", "is_splits", "inception_batch"):
+    flags.register_validator(_name, lambda v: v >= 1, message=f"--{_name} must be at least 1")
+flags.register_validator("probe_images", lambda v: v >= 0, message="--probe_images must be 0 or more")
+flags.register_validator("eval_model_path", lambda p: p is not None,
+                         message="--eval_model_path is required: an SNN checkpoint or an ANN ckpt.pt")
+cflags.register_folder_validator("save_images")
 FLAGS = flags.FLAGS
-
-
-def check_flags():
-    for name in ("num_images", "batch_size", "is_splits", "inception_batch"):
-        if FLAGS[name].value < 1:
-            raise UserError(f"--{name} must be at least 1, got {FLAGS[name].value}")
-    if FLAGS.eval_model_path is None:
-        raise UserError("--eval_model_path is required: an SNN checkpoint or an ANN ckpt.pt")
 
 
 def prepare_metrics(device, dataset):
@@ -72,7 +73,7 @@ def prepare_metrics(device, dataset):
                         "the Inception Score needs at least one image per split (or give --fid=skip)")
     net, reasons = None, []
     try:
-        inception.check_stats(FLAGS.fid_cache, dataset)
+        inception.load_stats(FLAGS.fid_cache, dataset)
     except UserError as err:
         reasons.append(str(err))
     try:
@@ -86,55 +87,89 @@ def prepare_metrics(device, dataset):
     return None, "; ".join(reasons)
 
 
-def network_calls(cfg):
-    """Network evaluations per generated image: the number of sampling steps."""
-    return FLAGS.sample_steps if FLAGS.sampler == "ddim" else cfg["T"]
+@dataclass
+class Evaluation:
+    """One evaluation run: the model, how it samples, where the shards go, this process."""
+    loaded: Loaded
+    sampler_cfg: configs.SamplerConfig
+    plan: shards.ShardPlan
+    rt: runtime.Runtime
+    logdir: str
 
+    @functools.cached_property
+    def sampler(self):
+        return build_sampler(self.loaded.config, self.sampler_cfg, self.rt.device)[1]
 
-def make_sampler(model, cfg, rt):
-    net = runtime.data_parallel(model, FLAGS.parallel and not rt.distributed)
-    try:
-        return build_sampler(net, cfg, FLAGS.sampler, FLAGS.sample_steps, FLAGS.eta).to(rt.device)
-    except ValueError as err:
-        raise UserError(str(err)) from None
+    def sample(self, model, x_T, generator):
+        """Images [B, 3, H, W] in [-1, 1] of ``model`` (DataParallel with --parallel) from x_T."""
+        net = runtime.data_parallel(model, FLAGS.parallel and not self.rt.distributed)
+        return self.sampler(net, x_T, generator)
 
+    def generate(self):
+        """This rank's shards (progress in images); returns (made, reused) shard counts."""
+        num_shards = -(-FLAGS.num_images // self.plan.shard_size)
+        mine, todo = shards.plan_shards(self.plan, num_shards, self.rt.rank, self.rt.world_size)
+        reused = len(mine) - len(todo)
+        with progress(total=len(mine) * self.plan.shard_size, initial=reused * self.plan.shard_size, unit="img",
+                      desc="sample", disable=not self.rt.is_main) as pbar:
+            made = shards.make_shards(lambda x_T, g: self.sample(self.loaded.model, x_T, g), self.plan, todo,
+                                      self.rt.device, pbar=pbar)
+        return made, reused
 
-def generate(sampler, cfg, folder, rt):
-    """This rank's shards of ``folder`` (tqdm bar in images); returns (made, reused) shard counts."""
-    shard_size = FLAGS.batch_size
-    num_shards = -(-FLAGS.num_images // shard_size)
-    mine, todo = shards.plan_shards(folder, num_shards, shard_size, rt.rank, rt.world_size)
-    reused = len(mine) - len(todo)
-    with tqdm(total=len(mine) * shard_size, initial=reused * shard_size, unit="img", dynamic_ncols=True,
-              desc="sample", disable=not rt.is_main) as pbar:
-        made = shards.make_shards(sampler, folder, todo, shard_size, cfg["img_size"], FLAGS.seed,
-                                  rt.device, pbar=pbar)
-    return made, reused
+    def probe_noise(self):
+        """(x_T [--probe_images, 3, H, W], sampler generator) of the probe run, apart from the shards'."""
+        size = self.plan.img_size
+        x_T = torch.randn(FLAGS.probe_images, 3, size, size, generator=runtime.generator(FLAGS.seed + 1))
+        return x_T.to(self.rt.device), runtime.generator(runtime.derived_seed(FLAGS.seed, 2), self.rt.device)
 
+    def metered_sample(self):
+        """The probe run: ``--probe_images`` images sampled with the spike monitor on.
 
-def probe_noise(cfg, device):
-    """x_T [--probe_images, 3, H, W] of the probe run, apart from the shards' noise."""
-    gen = torch.Generator().manual_seed(FLAGS.seed + 1)
-    return torch.randn(FLAGS.probe_images, 3, cfg["img_size"], cfg["img_size"], generator=gen).to(device)
+        Returns (images [N, 3, H, W] in [-1, 1], energy fields). The monitor sees every sampler
+        step, so its per-forward average represents the whole run; energy of a generated image =
+        energy of one forward of one sample x network calls per image.
+        """
+        monitor = SpikeMonitor(self.loaded.model)
+        with monitor:
+            images = self.sample(self.loaded.model, *self.probe_noise())
+        s, calls = monitor.summary(), self.sampler.network_calls
+        return images, {"energy_pJ_per_image": s["energy_pJ_per_sample"] * calls,
+                        "ann_energy_pJ_per_image": s["ann_energy_pJ_per_sample"] * calls,
+                        "energy_ratio_ann_over_snn": s["ann_energy_pJ_per_sample"] / max(s["energy_pJ_per_sample"], 1e-30),
+                        "firing_rate": s.get("firing_rate"), "energy_forwards_metered": s.get("num_forwards")}
 
+    def agreement(self, snn_images, ann_path):
+        """PSNR (dB) between the SNN's probe images and its ANN's from the same noise (or why not)."""
+        ann = load_model(ann_path, self.rt.device, cflags.kernels())
+        mine = self.loaded.config
+        if ann.kind != "ann" or (ann.config.unet, ann.config.diffusion) != (mine.unet, mine.diffusion):
+            return {"ann_path": ann_path, "agreement_note": f"{ann_path} is not the ANN of this SNN"}
+        value = psnr(snn_images, self.sample(ann.model, *self.probe_noise()))
+        return {"ann_path": ann_path, "psnr_snn_vs_ann_dB": "inf" if math.isinf(value) else round(value, 3),
+                "agreement_images": FLAGS.probe_images}
 
-def metered_sample(sampler, model, cfg, rt):
-    """The probe run: ``--probe_images`` images sampled with the spike monitor (snn.stats) on.
+    def probe(self):
+        """Energy per image and, for an SNN whose ANN is at hand, the SNN-ANN agreement."""
+        if FLAGS.probe_images < 1:
+            return {"energy_note": "--probe_images=0"}
+        images, record = self.metered_sample()
+        if self.loaded.kind == "snn":
+            ann_path = find_ann(FLAGS.eval_model_path, self.loaded.ckpt, self.logdir)
+            if ann_path is None:
+                record["agreement_note"] = "no ANN ckpt.pt found beside the SNN (give --ann_path)"
+            else:
+                record.update(self.agreement(images, ann_path))
+        return record
 
-    Returns (images [N, 3, H, W] in [-1, 1], energy fields). The monitor sees every diffusion step,
-    so its per-forward average represents the whole run; energy of a generated image = energy of
-    one forward of one sample x network calls per image.
-    """
-    monitor = SpikeMonitor(model)
-    torch.manual_seed(FLAGS.seed + 2)  # the probe's sampler noise, shared with the ANN in agreement()
-    with monitor:
-        images = sampler(probe_noise(cfg, rt.device))
-    s = monitor.summary()
-    calls = network_calls(cfg)
-    return images, {"energy_pJ_per_image": s["energy_pJ_per_sample"] * calls,
-                    "ann_energy_pJ_per_image": s["ann_energy_pJ_per_sample"] * calls,
-                    "energy_ratio_ann_over_snn": s["ann_energy_pJ_per_sample"] / max(s["energy_pJ_per_sample"], 1e-30),
-                    "firing_rate": s.get("firing_rate"), "energy_forwards_metered": s.get("num_forwards")}
+    def describe(self):
+        """The fields of a snn_eval.txt line that say what was evaluated and how."""
+        snn = configs.to_dict(self.loaded.snn) if self.loaded.snn else {"neuron": None, "norm": None}
+        return {"model_path": FLAGS.eval_model_path, "kind": self.loaded.kind, "bit": self.loaded.config.unet.bit,
+                "time_steps": self.loaded.ckpt.get("time_steps"), **snn, "sampler": self.sampler_cfg.sampler,
+                "sample_steps": self.sampler.network_calls,
+                "eta": self.sampler_cfg.eta if self.sampler_cfg.sampler == "ddim" else None,
+                "clip_denoised": self.sampler_cfg.clip_denoised, "num_images": FLAGS.num_images,
+                "seed": FLAGS.seed, "fid_cache": FLAGS.fid_cache, "shards": self.plan.folder}
 
 
 def find_ann(model_path, ckpt, logdir):
@@ -144,52 +179,16 @@ def find_ann(model_path, ckpt, logdir):
             raise UserError(f"--ann_path {FLAGS.ann_path} does not exist")
         return FLAGS.ann_path
     here = os.path.dirname(os.path.abspath(model_path))
-    candidates = [ckpt.get("ann_path"), os.path.join(here, "ckpt.pt"),
+    candidates = [ckpt.get("source"), os.path.join(here, "ckpt.pt"),
                   os.path.join(os.path.dirname(here), "ckpt.pt"), os.path.join(logdir, "ckpt.pt")]
     return next((p for p in candidates if isinstance(p, str) and os.path.isfile(p)), None)
-
-
-def agreement(snn_images, cfg, ann_path, rt):
-    """PSNR (dB) between the SNN's probe images and its ANN's from the same noise (or why not)."""
-    ann, kind, ann_ckpt = load_model(ann_path, rt.device, cflags.kernels())
-    arch = [k for k in cflags.MODEL_FLAG_NAMES if k in cfg and k in ann_ckpt["flags"] and k != "dataset"]
-    if kind != "ann" or any(ann_ckpt["flags"][k] != cfg[k] for k in arch):
-        return {"ann_path": ann_path, "agreement_note": f"{ann_path} is not the ANN of this SNN"}
-    torch.manual_seed(FLAGS.seed + 2)  # the sampler noise of metered_sample()
-    ann_images = make_sampler(ann, cfg, rt)(probe_noise(cfg, rt.device))
-    value = psnr(snn_images, ann_images)
-    return {"ann_path": ann_path, "psnr_snn_vs_ann_dB": "inf" if math.isinf(value) else round(value, 3),
-            "agreement_images": FLAGS.probe_images}
-
-
-def probe(sampler, model, kind, ckpt, cfg, rt, logdir):
-    """Energy per image and, for an SNN whose ANN is at hand, the SNN-ANN agreement."""
-    if FLAGS.probe_images < 1:
-        return {"energy_note": "--probe_images=0"}
-    images, record = metered_sample(sampler, model, cfg, rt)
-    if kind == "snn":
-        ann_path = find_ann(FLAGS.eval_model_path, ckpt, logdir)
-        if ann_path is None:
-            record["agreement_note"] = "no ANN ckpt.pt found beside the SNN (give --ann_path)"
-        else:
-            record.update(agreement(images, cfg, ann_path, rt))
-    return record
 
 
 def write_images(images, folder):
     """Every image of uint8 [N, H, W, 3] as ``folder/00000.png`` ..."""
     os.makedirs(folder, exist_ok=True)
-    for i, img in enumerate(tqdm(images, desc="png", unit="img", dynamic_ncols=True)):
+    for i, img in enumerate(progress(images, desc="png", unit="img")):
         Image.fromarray(img).save(os.path.join(folder, f"{i:05d}.png"))
-
-
-def describe(kind, ckpt, cfg, folder):
-    """The fields of a snn_eval.txt line that say what was evaluated."""
-    return {"model_path": FLAGS.eval_model_path, "kind": kind, "bit": cfg["bit"],
-            "T": ckpt.get("T") if kind == "snn" else None, "signed": ckpt.get("signed") if kind == "snn" else None,
-            "sampler": FLAGS.sampler, "sample_steps": network_calls(cfg),
-            "eta": FLAGS.eta if FLAGS.sampler == "ddim" else None, "num_images": FLAGS.num_images,
-            "seed": FLAGS.seed, "fid_cache": FLAGS.fid_cache, "shards": folder}
 
 
 def score(images, net, skipped, device):
@@ -201,15 +200,15 @@ def score(images, net, skipped, device):
     return {**result, "metrics_skipped": None}
 
 
-def finish(model, kind, ckpt, cfg, sampler, folder, net, skipped, rt, logdir):
-    """Rank 0: gather the images, compute everything, save the grid and the snn_eval.txt line."""
-    images = shards.gather_images(folder, FLAGS.num_images, FLAGS.batch_size)
-    record = {**describe(kind, ckpt, cfg, folder), **score(images, net, skipped, rt.device)}
+def finish(ev, net, skipped):
+    """Rank 0: gather the images, compute everything, save the grid and return the record."""
+    images = shards.gather_images(ev.plan.folder, FLAGS.num_images, ev.plan.shard_size)
+    record = {**ev.describe(), **score(images, net, skipped, ev.rt.device)}
     with torch.inference_mode():
-        record.update(probe(sampler, model, kind, ckpt, cfg, rt, logdir))
+        record.update(ev.probe())
     if FLAGS.pic_or_not:
         grid = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        save_grid(grid, os.path.join(logdir, "images", os.path.basename(folder)[len("eval_"):] + ".png"))
+        save_grid(grid, os.path.join(ev.logdir, "images", os.path.basename(ev.plan.folder)[len("eval_"):] + ".png"))
     if FLAGS.save_images:
         write_images(images, FLAGS.save_images)
     return record
@@ -227,26 +226,37 @@ def report(record, path):
     print(f"appended to {path}")
 
 
-def main(argv):
-    check_flags()
-    rt = runtime.setup(FLAGS.seed)
-    model, kind, ckpt = load_model(FLAGS.eval_model_path, rt.device, cflags.kernels())
-    cfg = cflags.resolve_model_flags(ckpt["flags"], FLAGS.eval_model_path)
+def setup(rt):
+    """The ``Evaluation`` of ``--eval_model_path``, every setting checked before any sampling."""
+    loaded = load_model(FLAGS.eval_model_path, rt.device, cflags.kernels())
+    cflags.model_config(loaded.config, FLAGS.eval_model_path)  # explicit flags must agree with it
+    sampler_cfg = cflags.sampler_config(loaded.config.diffusion.T)
+    _, sampler = build_sampler(loaded.config, sampler_cfg)
     logdir = cflags.logdir()
-    net, skipped = prepare_metrics(rt.device, cfg.get("dataset", "cifar10")) if rt.is_main else (None, None)
-    sampler = make_sampler(model, cfg, rt)
-    folder = shards.shard_folder(logdir, FLAGS.eval_model_path, FLAGS.sampler, network_calls(cfg), FLAGS.eta,
-                                 FLAGS.seed, FLAGS.batch_size)
+    folder = shards.shard_folder(logdir, FLAGS.eval_model_path, sampler_cfg, sampler.network_calls, FLAGS.seed,
+                                 FLAGS.batch_size)
+    plan = shards.ShardPlan(folder, FLAGS.batch_size, loaded.config.data.img_size, FLAGS.seed)
+    return Evaluation(loaded, sampler_cfg, plan, rt, logdir)
+
+
+def main(argv):
+    rt = runtime.setup(FLAGS.seed)
+    ev = setup(rt)
+    dataset = ev.loaded.config.data.dataset
+    net, skipped = prepare_metrics(rt.device, dataset) if rt.is_main else (None, None)
+    if rt.is_main:
+        for folder in (ev.logdir, ev.plan.folder, os.path.join(ev.logdir, "images")):
+            remove_stale_temporaries(folder)
     start = time.time()
     with torch.inference_mode():
-        made, reused = generate(sampler, cfg, folder, rt)
+        made, reused = ev.generate()
     runtime.barrier(rt)  # every rank's shards are on disk
     if rt.is_main:
-        record = finish(model, kind, ckpt, cfg, sampler, folder, net, skipped, rt, logdir)
+        record = finish(ev, net, skipped)
         record.update({"shards_made": made, "shards_reused": reused, "world_size": rt.world_size,  # rank 0's
                        "wall_s": round(time.time() - start, 1),
                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        report(record, os.path.join(logdir, "snn_eval.txt"))
+        report(record, os.path.join(ev.logdir, "snn_eval.txt"))
     runtime.teardown(rt)
 
 

@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from diffusion import GaussianDiffusionTrainer, make_sampler
+from common.configs import SamplerConfig
+from diffusion import GaussianDiffusion, make_sampler
 from model import UNet
 from snn.convert import convert
 from snn.neuron import spike_train
@@ -104,10 +105,11 @@ def quant_over_fp_train(device, repeats, batch=16):
     for bit, kernels in ((32, "reference"), (BIT, "auto"), (BIT, "reference")):
         torch.manual_seed(0)
         unet = UNet(bit=bit, kernels=kernels, **DEMO)
-        trainer = GaussianDiffusionTrainer(unet, 1e-4, 0.02, 1000).to(device).train()
-        optim = torch.optim.Adam(trainer.parameters(), lr=1e-4)
+        unet = unet.to(device).train()
+        diffusion = GaussianDiffusion(1e-4, 0.02, 1000).to(device)
+        optim = torch.optim.Adam(unet.parameters(), lr=1e-4)
         x_0 = torch.randn(batch, 3, 32, 32, device=device)
-        steps[bit, kernels] = _train_step(trainer, optim, x_0)
+        steps[bit, kernels] = _train_step(unet, diffusion, optim, x_0)
         steps[bit, kernels]()  # compiles outside the timing
     fp, fused, ref = interleaved_medians([steps[32, "reference"], steps[BIT, "auto"], steps[BIT, "reference"]],
                                          repeats, device)
@@ -116,11 +118,11 @@ def quant_over_fp_train(device, repeats, batch=16):
             row("quant_over_fp_train_reference", fp, ref, what + "; quantizer reference")]
 
 
-def _train_step(trainer, optim, x_0):
+def _train_step(model, diffusion, optim, x_0):
     def step():
         optim.zero_grad(set_to_none=True)
-        trainer(x_0).mean().backward()
-        torch.nn.utils.clip_grad_norm_(trainer.parameters(), 1.0)
+        diffusion.training_losses(model, x_0).mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
     return step
 
@@ -135,20 +137,22 @@ def ddim_over_ddpm(device, quick=False):
     torch.manual_seed(0)
     model = UNet(bit=BIT, **(DEMO if quick else TINY)).to(device).eval()
     x_T = torch.randn(1, 3, 32, 32, device=device)
-    ddpm = make_sampler(model, "ddpm", 1e-4, 0.02, 1000, 32, "epsilon", "fixedlarge").to(device)
-    ddim = make_sampler(model, "ddim", 1e-4, 0.02, 1000, 32, "epsilon", "fixedlarge", sample_steps=100).to(device)
+    diffusion = GaussianDiffusion(1e-4, 0.02, 1000).to(device)
+    ddpm = make_sampler(diffusion, SamplerConfig("ddpm"))
+    ddim = make_sampler(diffusion, SamplerConfig("ddim", 100))
     if quick:
-        a, b = paired_medians(lambda: _first_steps(ddpm, x_T, 20), lambda: _first_steps(ddim, x_T, 20), 3, device)
+        a, b = paired_medians(lambda: _first_steps(ddpm, model, x_T, 20), lambda: _first_steps(ddim, model, x_T, 20),
+                              3, device)
         a, b = a * 1000 / 20, b * 100 / 20
         what = "demo UNet, 1 image, 20 steps of each timed and scaled to 1000 / 100 steps"
     else:
-        a, b = paired_medians(lambda: ddpm(x_T), lambda: ddim(x_T), 2, device, warmup=0)
+        a, b = paired_medians(lambda: ddpm(model, x_T), lambda: ddim(model, x_T), 2, device, warmup=0)
         what = "tiny UNet (ch 32, ch_mult 1), 1 image, whole sampling runs"
     return row("ddim100_over_ddpm1000", a, b, what + "; A = ancestral 1000 steps")
 
 
-def _first_steps(sampler, x_T, n):
-    for i, _ in enumerate(sampler.steps(x_T)):
+def _first_steps(sampler, model, x_T, n):
+    for i, _ in enumerate(sampler.steps(model, x_T)):
         if i + 1 == n:
             break
 

@@ -1,7 +1,14 @@
-"""Atomic file writes: nothing a reader can see is ever half written (DESIGN §6)."""
+"""Atomic file writes: nothing a reader can see is ever half written (``docs/formats.md``).
+
+A file is written to a temporary file beside it, ``.<name>.<host>-<pid>.<random>.tmp``, and
+renamed into place. A process killed mid-write leaves that temporary behind;
+``remove_stale_temporaries`` deletes the ones whose writer is gone when a stage starts.
+"""
 import contextlib
 import json
 import os
+import re
+import socket
 import tempfile
 
 
@@ -12,6 +19,8 @@ def _file_mode():
 
 
 FILE_MODE = _file_mode()  # what open() would give; mkstemp alone gives 0600
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())
+_TEMPORARY = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
 
 
 @contextlib.contextmanager
@@ -23,7 +32,7 @@ def atomic_open(path, mode="wb"):
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{_HOST}-{os.getpid()}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -42,3 +51,34 @@ def write_json(obj, path):
     with atomic_open(path, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporaries ``atomic_open`` left in ``folder`` (not below it) when their writer,
+    a process of this machine, no longer runs; returns how many were removed.
+
+    A temporary of a live process (another stage writing into the same folder) or of another
+    machine (a shared file system) is left alone.
+    """
+    removed = 0
+    if not os.path.isdir(folder):
+        return removed
+    for name in os.listdir(folder):
+        match = _TEMPORARY.match(name)
+        if match and match["host"] == _HOST and not _alive(int(match["pid"])):
+            try:
+                os.remove(os.path.join(folder, name))
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

@@ -1,17 +1,19 @@
-"""Training data: CIFAR-10 through torchvision, or the embedded ``shapes`` set (DESIGN §7).
+"""Training data: CIFAR-10 through torchvision, or the embedded ``shapes`` set (``docs/data.md``).
 
-Images come out as float tensors in [-1, 1], randomly flipped left-right as in pytorch-ddpm.
+Datasets yield float images in [-1, 1], as they are; training batches are flipped left-right at
+random as in pytorch-ddpm (``random_flip``). The images of training step ``s`` are a function of
+(seed, s) alone (``StepBatchSampler``), so a resumed run sees the batches an uninterrupted run sees.
 """
 import os
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 
 from common.errors import UserError
+from common.runtime import derived_seed, generator
 
 SHAPES_SIZE = 16384
 SHAPES_TEST_SIZE = 2048  # held out: images SHAPES_SIZE .. SHAPES_SIZE + SHAPES_TEST_SIZE - 1
@@ -101,20 +103,19 @@ class _CIFAR10Folder(datasets.CIFAR10):
     meta = {**datasets.CIFAR10.meta, "md5": None}
 
 
-def train_transform(img_size, flip=True):
+def to_tensor(img_size):
+    """PIL image -> [3, img_size, img_size] in [-1, 1]."""
     steps = [transforms.Resize(img_size)] if img_size != 32 else []
-    if flip:
-        steps.append(transforms.RandomHorizontalFlip())
     steps += [transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
     return transforms.Compose(steps)
 
 
-def load_dataset(name, data_dir, img_size=32, flip=True, train=True):
+def load_dataset(name, data_dir, img_size=32, train=True):
     """The dataset ``name`` (``cifar10`` or ``shapes``) yielding (image [3, H, W] in [-1, 1], label).
 
     ``train=False``: the held-out images (CIFAR-10's test batch, the shapes after the training ones).
     """
-    transform = train_transform(img_size, flip)
+    transform = to_tensor(img_size)
     if name == "shapes":
         if train:
             return ShapesDataset(SHAPES_SIZE, img_size, transform)
@@ -135,27 +136,45 @@ def load_dataset(name, data_dir, img_size=32, flip=True, train=True):
             "or run with --dataset=shapes") from None
 
 
-def infinite_batches(dataset, batch_size, rt, num_workers=0, seed=0):
-    """Endless stream of image batches [batch_size / world_size, 3, H, W] on ``rt.device``.
+def random_flip(x, generator=None):
+    """Each image of x [B, C, H, W] mirrored left-right with probability 1/2 (draws from ``generator``)."""
+    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
-    Under torchrun each rank reads its own shard (DistributedSampler), so the global batch
-    is ``batch_size``.
+
+class StepBatchSampler(Sampler):
+    """Index batches for training steps ``start_step, start_step + 1, ...`` (endless).
+
+    The global batch of step s is slice ``s mod E`` of epoch ``s // E``'s permutation (E whole
+    batches an epoch, the rest dropped), each permutation seeded by (seed, epoch). Under
+    torchrun, rank r takes the r-th of ``world_size`` equal parts of it.
     """
-    if batch_size % rt.world_size:
-        raise UserError(f"--batch_size={batch_size} must be divisible by the {rt.world_size} processes")
-    per_rank = batch_size // rt.world_size
-    if len(dataset) < per_rank:
-        raise UserError(f"the dataset has {len(dataset)} images, fewer than one batch of {per_rank}")
-    sampler = DistributedSampler(dataset, rt.world_size, rt.rank, shuffle=True, seed=seed) \
-        if rt.distributed else None
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=per_rank, shuffle=sampler is None, sampler=sampler,
-                        num_workers=num_workers, drop_last=True, generator=generator,
+
+    def __init__(self, size, batch_size, seed=0, start_step=0, rank=0, world_size=1):
+        if batch_size % world_size:
+            raise UserError(f"--batch_size={batch_size} must be divisible by the {world_size} processes")
+        if size < batch_size:
+            raise UserError(f"the dataset has {size} images, fewer than one batch of {batch_size}")
+        self.size, self.batch_size, self.seed, self.start_step = size, batch_size, seed, start_step
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self):
+        per_epoch, part = self.size // self.batch_size, self.batch_size // self.world_size
+        epoch, order, step = None, None, self.start_step
+        while True:
+            if step // per_epoch != epoch:
+                epoch = step // per_epoch
+                order = torch.randperm(self.size, generator=generator(derived_seed(self.seed, epoch)))
+            first = (step % per_epoch) * self.batch_size + self.rank * part
+            yield order[first:first + part].tolist()
+            step += 1
+
+
+def training_batches(dataset, batch_size, rt, num_workers=0, seed=0, start_step=0):
+    """Endless stream of this rank's images [batch_size / world_size, 3, H, W] on ``rt.device``,
+    from training step ``start_step`` on (unflipped: ``random_flip`` them)."""
+    sampler = StepBatchSampler(len(dataset), batch_size, seed, start_step, rt.rank, rt.world_size)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                         pin_memory=rt.device.type == "cuda", persistent_workers=num_workers > 0)
-    epoch = 0
-    while True:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        for x, _ in loader:
-            yield x.to(rt.device, non_blocking=True)
-        epoch += 1
+    for x, _ in loader:
+        yield x.to(rt.device, non_blocking=True)

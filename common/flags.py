@@ -1,20 +1,37 @@
-"""Flag definitions shared by the four scripts, each defined once (DESIGN §1).
+"""Flags shared by the scripts, each defined once with the values it accepts (``docs/flags.md``).
 
-A script calls the ``define_*`` groups it needs at import time. Architecture and diffusion flags
-are stored in every checkpoint (``model_flags``); later stages rebuild the model from the
-checkpoint and refuse an explicitly given flag that contradicts it (``resolve_model_flags``).
+A script calls the ``define_*`` groups it needs at import time. A value outside its domain is
+refused while the command line is parsed, before any work starts, with one line naming the
+flag, the value and what would be valid (``common.errors``).
+
+Flags become configs (``common.configs``) here and only here. When a checkpoint already fixes
+a config, an explicitly given flag (command line or flagfile) that contradicts it is a
+``UserError``, and flags not given take the checkpoint's values. Nothing writes into ``FLAGS``.
 """
 import functools
 import os
 
 from absl import flags
 
+from common import configs
 from common.errors import UserError
 
 FLAGS = flags.FLAGS
 
-MODEL_FLAG_NAMES = ("ch", "ch_mult", "attn", "num_res_blocks", "dropout", "bit", "wbit", "alpha_init",
-                    "T", "beta_1", "beta_T", "mean_type", "var_type", "img_size", "dataset")
+# flags of the UNet, the diffusion and the image size: architecture settings stored in checkpoints
+MODEL_CONFIGS = {"unet": configs.UNetConfig, "diffusion": configs.DiffusionConfig, "data": configs.DataConfig}
+
+
+def _positive(name):
+    flags.register_validator(name, lambda v: v is not None and v >= 1, message=f"--{name} must be at least 1")
+
+
+def _non_negative(name):
+    flags.register_validator(name, lambda v: v is not None and v >= 0, message=f"--{name} must be 0 or more")
+
+
+def _in_range(name, low, high, what):
+    flags.register_validator(name, lambda v: v is not None and low <= v <= high, message=f"--{name} must be {what}")
 
 
 def define_model_flags():
@@ -24,6 +41,7 @@ def define_model_flags():
     flags.DEFINE_multi_integer("attn", [], help="levels with self-attention (full precision only)")
     flags.DEFINE_integer("num_res_blocks", 2, help="ResBlocks per level")
     flags.DEFINE_float("dropout", 0.1, help="dropout rate of the ResBlocks")
+    flags.DEFINE_integer("img_size", 32, help="image size (a multiple of 2**(levels - 1))")
     # Quantization
     flags.DEFINE_integer("bit", 2, help="activation bits; the SNN runs T = 2**bit - 1 steps; 32 = full precision")
     flags.DEFINE_float("alpha_init", 6.0, help="initial act_alpha (clipping threshold) of the quantized activations")
@@ -34,11 +52,31 @@ def define_model_flags():
     flags.DEFINE_integer("T", 1000, help="number of diffusion steps")
     flags.DEFINE_enum("mean_type", "epsilon", ["xprev", "xstart", "epsilon"], help="predict variable")
     flags.DEFINE_enum("var_type", "fixedlarge", ["fixedlarge", "fixedsmall"], help="variance type")
-    flags.DEFINE_integer("img_size", 32, help="image size")
-    flags.register_validator("bit", lambda b: 1 <= b <= 8 or b == 32, message="--bit must be in 1..8 or 32")
-    flags.register_validator("wbit", lambda b: 2 <= b <= 7 or b == 32, message="--wbit must be in 2..7 or 32")
+
     flags.register_validator("ch", lambda c: c > 0 and c % 32 == 0,
                              message="--ch must be a positive multiple of 32 (GroupNorm uses 32 groups)")
+    flags.register_validator("ch_mult", lambda m: bool(m) and min(m) >= 1,
+                             message="--ch_mult needs at least one level, every multiplier at least 1")
+    _positive("num_res_blocks")
+    flags.register_validator("dropout", lambda p: 0 <= p < 1, message="--dropout must be in [0, 1)")
+    flags.register_validator("bit", lambda b: 1 <= b <= 8 or b == 32, message="--bit must be in 1..8 or 32")
+    flags.register_validator("wbit", lambda b: 2 <= b <= 7 or b == 32, message="--wbit must be in 2..7 or 32")
+    flags.register_validator("alpha_init", lambda a: a > 0, message="--alpha_init must be positive")
+    flags.register_validator("T", lambda t: t >= 2, message="--T must be at least 2")
+    flags.register_multi_flags_validator(
+        ["beta_1", "beta_T"], lambda v: 0 < v["beta_1"] <= v["beta_T"] < 1,
+        message="the beta schedule needs 0 < --beta_1 <= --beta_T < 1")
+    flags.register_multi_flags_validator(
+        ["img_size", "ch_mult"], lambda v: _fits_levels(v["img_size"], v["ch_mult"]),
+        message="--img_size must be a positive multiple of 2**(levels - 1), levels = the number of --ch_mult "
+                "values, and at least 4")
+    flags.register_multi_flags_validator(
+        ["attn", "ch_mult"], lambda v: all(0 <= i < len(v["ch_mult"]) for i in v["attn"]),
+        message="every --attn level must be one of the --ch_mult levels (0 .. levels - 1)")
+
+
+def _fits_levels(img_size, ch_mult):
+    return img_size >= 4 and img_size % 2 ** (len(ch_mult or [1]) - 1) == 0
 
 
 def define_data_flags():
@@ -46,6 +84,7 @@ def define_data_flags():
                       help="cifar10 (torchvision) or shapes (embedded synthetic data, no download)")
     flags.DEFINE_string("data_dir", "./data", help="folder of the torchvision CIFAR-10 data")
     flags.DEFINE_integer("num_workers", 4, help="workers of the data loader")
+    _non_negative("num_workers")
 
 
 def define_run_flags():
@@ -57,6 +96,54 @@ def define_run_flags():
                            "reference = plain PyTorch operations, compile = fused torch.compile kernels (a C++ "
                            "compiler on CPUs, Triton on GPUs; seconds to compile at start), auto = compile, "
                            "falling back to reference if it cannot")
+    register_folder_validator("logdir")
+    _non_negative("seed")
+
+
+def define_sampler_flags():
+    flags.DEFINE_enum("sampler", "ddpm", ["ddpm", "ddim"], help="ancestral T-step sampler (the seed's) or DDIM")
+    flags.DEFINE_integer("sample_steps", 100, help="network calls of DDIM (1 .. T)")
+    flags.DEFINE_float("eta", 0.0, help="DDIM eta in [0, 1] (0: deterministic, 1: the ancestral variance)")
+    flags.DEFINE_bool("clip_denoised", False, help="clip the predicted x_0 to [-1, 1] before the posterior mean; "
+                      "off (the default, as pytorch-ddpm and the seed's published FIDs): only the final image "
+                      "is clipped")
+    _positive("sample_steps")
+    _in_range("eta", 0.0, 1.0, "in [0, 1]")
+
+
+def define_snn_flags():
+    flags.DEFINE_enum("neuron", "if", ["if", "signed", "graded"],
+                      help="spiking neuron: if = binary integrate-and-fire (the seed), signed = Fast-SNN's "
+                           "signed neuron, graded = signed with integer (burst) spikes (docs/conversion.md)")
+    flags.DEFINE_bool("sign", None, help="shorthand: --sign is --neuron=signed, --nosign is --neuron=if")
+    flags.DEFINE_enum("norm", "step", ["step", "compensated"],
+                      help="GroupNorm of the SNN: step = every time step on its own (the seed), compensated = "
+                           "exact over the T steps (docs/conversion.md)")
+
+
+def register_folder_validator(name):
+    """``--name`` must be a folder or creatable as one: no regular file on the way."""
+    flags.register_validator(name, lambda p: p is None or creatable(p, folder=True),
+                             message=f"--{name} must name a folder that exists or can be created "
+                                     "(a regular file is in the way)")
+
+
+def register_file_validator(name):
+    """``--name`` must be a file that can be written: its folder creatable, not itself a folder."""
+    flags.register_validator(name, lambda p: p is None or creatable(p, folder=False),
+                             message=f"--{name} must name a file that can be written (not a folder, and no "
+                                     "regular file in the way of its folder)")
+
+
+def creatable(path, folder):
+    """Whether ``path`` is (or can be made) a folder (``folder``) or a file without touching the disk."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        return os.path.isdir(path) == folder
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return os.path.isdir(parent)
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,44 +159,74 @@ def kernels():
     return FLAGS.kernels
 
 
-def define_sampler_flags():
-    flags.DEFINE_enum("sampler", "ddpm", ["ddpm", "ddim"], help="ancestral 1000-step sampler or DDIM")
-    flags.DEFINE_integer("sample_steps", 100, help="DDIM sampling steps")
-    flags.DEFINE_float("eta", 0.0, help="DDIM eta (0: deterministic)")
-
-
-def define_snn_flags():
-    flags.DEFINE_bool("sign", False, help="--sign: Fast-SNN's signed IF neurons; --nosign (default): plain IF "
-                      "neurons, whose DDIM samples measured closer to the ANN's on the demo model (README)")
-
-
 def logdir():
     """``--logdir``, or the seed's default name for ``--bit``."""
     return FLAGS.logdir or os.path.join(".", "logs", f"RELU_QUANT{FLAGS.bit}B_DDPM_CIFAR10_EPS")
 
 
-def model_flags():
-    """Plain dict of the architecture and diffusion flags, as stored in checkpoints."""
-    return {name: _plain(FLAGS[name].value) for name in MODEL_FLAG_NAMES if name in FLAGS}
+# flags -> configs ---------------------------------------------------------------------------
+
+def _flag_value(name):
+    value = FLAGS[name].value
+    return tuple(value) if isinstance(value, list) else value
 
 
-def resolve_model_flags(stored, path):
-    """Merge a checkpoint's stored flags into FLAGS, refusing explicit contradictions.
+def config_from_flags(cls, stored=None, source=None, fixed=None):
+    """``cls`` from the flags of its field names, over ``stored`` (a config of the same class).
 
-    Only architecture and diffusion flags are compared and adopted (training settings such as
-    ``total_steps`` may change between runs). Returns the stored dict. A flag given on the command line or in a flagfile that differs
-    from the checkpoint raises ``UserError`` naming both values and the checkpoint ``path``.
+    Fields in ``fixed`` (all of them when None) are the checkpoint's: a flag given explicitly
+    with another value is a ``UserError`` naming both values and ``source``. Other fields take
+    a given flag's value, else the stored one.
     """
-    for name, value in stored.items():
-        if name not in MODEL_FLAG_NAMES or name not in FLAGS:
+    fixed = configs.field_names(cls) if fixed is None else fixed
+    values = {}
+    for name in configs.field_names(cls):
+        given = name in FLAGS and FLAGS[name].present
+        if stored is None:
+            values[name] = _flag_value(name)
             continue
-        given = FLAGS[name]
-        if given.present and _plain(given.value) != value:
-            raise UserError(f"--{name}={_plain(given.value)} contradicts the checkpoint {path}, "
-                            f"which was trained with {name}={value}; drop the flag or fix it")
-        given.value = list(value) if isinstance(value, (list, tuple)) else value
+        old = getattr(stored, name)
+        if given and _flag_value(name) != old and name in fixed:
+            raise UserError(f"--{name}={_shown(_flag_value(name))} contradicts {source}, which has "
+                            f"{name}={_shown(old)}; drop the flag or fix it")
+        values[name] = _flag_value(name) if given else old
+    return cls(**values)
+
+
+def _shown(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def model_config(stored=None, source=None):
+    """The ``ModelConfig`` the flags describe, or ``stored`` checked against the given flags."""
+    parts = {key: config_from_flags(cls, getattr(stored, key) if stored else None, source)
+             for key, cls in MODEL_CONFIGS.items()}
+    return configs.ModelConfig(**parts)
+
+
+def snn_config(stored=None, source=None):
+    """``SNNConfig`` from ``--neuron`` (or its shorthand ``--sign``/``--nosign``) and ``--norm``,
+    over ``stored``: a given flag that contradicts it is a ``UserError``."""
+    neuron, given = FLAGS.neuron, FLAGS["neuron"].present
+    if FLAGS.sign is not None:
+        shorthand = "signed" if FLAGS.sign else "if"
+        if given and neuron != shorthand:
+            raise UserError(f"--{'' if FLAGS.sign else 'no'}sign contradicts --neuron={neuron}; give one of them")
+        neuron, given = shorthand, True
+    wanted = configs.SNNConfig(neuron=neuron, norm=FLAGS.norm)
+    if stored is None:
+        return wanted
+    for name, present in (("neuron", given), ("norm", FLAGS["norm"].present)):
+        if present and getattr(wanted, name) != getattr(stored, name):
+            raise UserError(f"--{name}={getattr(wanted, name)} contradicts {source}, which has "
+                            f"{name}={getattr(stored, name)}; drop the flag or fix it (or --restart)")
     return stored
 
 
-def _plain(value):
-    return list(value) if isinstance(value, (list, tuple)) else value
+def sampler_config(T):
+    """``SamplerConfig`` from the flags, with ``--sample_steps`` checked against the diffusion's ``T``."""
+    cfg = config_from_flags(configs.SamplerConfig)
+    if cfg.sampler != "ddpm" and cfg.sample_steps > T:
+        raise UserError(f"--sample_steps={cfg.sample_steps} exceeds the model's T={T} diffusion steps; "
+                        f"give 1..{T}")
+    return cfg

@@ -1,21 +1,47 @@
-"""Building models and samplers from stored flag dicts (library code: no FLAGS here)."""
+"""Models, diffusions and samplers rebuilt from configs (library code: no flags here)."""
+from common import checkpoint
 from common.errors import UserError
-from diffusion import make_sampler
+from diffusion import GaussianDiffusion, make_sampler
 from model import UNet
 
 
 def build_unet(cfg, kernels="reference"):
-    """A ``UNet`` from a flag dict with the keys of ``common.flags.MODEL_FLAG_NAMES``."""
+    """The (quantized) ``UNet`` of a ``ModelConfig``; an impossible architecture is a ``UserError``."""
     try:
-        return UNet(T=cfg["T"], ch=cfg["ch"], ch_mult=cfg["ch_mult"], attn=cfg["attn"],
-                    num_res_blocks=cfg["num_res_blocks"], dropout=cfg["dropout"],
-                    bit=cfg["bit"], wbit=cfg.get("wbit", 32), alpha_init=cfg.get("alpha_init", 6.0),
-                    kernels=kernels)
+        return UNet.from_config(cfg.unet, cfg.diffusion.T, kernels)
     except ValueError as err:
         raise UserError(str(err)) from None
 
 
-def build_sampler(model, cfg, sampler="ddpm", sample_steps=None, eta=0.0):
-    """The sampler named by ``sampler`` for ``model`` with the diffusion settings of ``cfg``."""
-    return make_sampler(model, sampler, cfg["beta_1"], cfg["beta_T"], cfg["T"], cfg["img_size"],
-                        cfg["mean_type"], cfg["var_type"], sample_steps=sample_steps, eta=eta)
+def build_sampler(cfg, sampler_cfg, device="cpu"):
+    """(diffusion, sampler) for a ``ModelConfig`` and a ``SamplerConfig``, the diffusion on ``device``."""
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion).to(device)
+    try:
+        return diffusion, make_sampler(diffusion, sampler_cfg)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+def load_init(model, path):
+    """Load ``path``'s EMA weights into ``model`` for progressive quantization.
+
+    ``act_alpha`` entries the source lacks (a full-precision source) keep their initial value;
+    entries it has and the model lacks (a quantized source for a full-precision model) are
+    dropped. Anything else that does not match is an error. Returns the keys left at their
+    initial value.
+    """
+    ckpt = checkpoint.load_checkpoint(path)
+    source = ckpt.get("ema_model", ckpt.get("model"))
+    target = model.state_dict()
+    missing = [k for k in target if k not in source]
+    unexpected = [k for k in source if k not in target]
+    bad = [k for k in missing + unexpected if not k.endswith(("act_alpha", "wgt_alpha"))]
+    if bad:
+        raise UserError(f"--init {path} does not fit this model: e.g. {bad[:3]} (check --ch, --ch_mult, "
+                        "--num_res_blocks, --attn)")
+    for key in target:
+        if key in source and source[key].shape != target[key].shape:
+            raise UserError(f"--init {path}: {key} has shape {tuple(source[key].shape)}, "
+                            f"the model expects {tuple(target[key].shape)}")
+    model.load_state_dict({k: v for k, v in source.items() if k in target}, strict=False)
+    return missing

@@ -1,4 +1,4 @@
-"""Device choice, seeding and (optional) torch.distributed for every script (DESIGN §9).
+"""Device choice, seeding and (optional) torch.distributed for every script (``docs/scale.md``).
 
 A plain ``python SCRIPT.py`` runs one process on CUDA when present, else the CPU. Under
 ``torchrun`` (WORLD_SIZE > 1) every process joins a process group (NCCL on GPUs, gloo on CPUs)
@@ -46,6 +46,17 @@ def setup(seed=0):
     return Runtime(device=device, rank=rank, world_size=world_size, local_rank=local_rank)
 
 
+def derived_seed(*numbers):
+    """A 63-bit seed that is a function of ``numbers`` (a seed, a step, a rank, a shard, ...) only."""
+    state = np.random.SeedSequence([int(n) for n in numbers]).generate_state(2, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+def generator(seed, device="cpu"):
+    """A ``torch.Generator`` on ``device`` seeded with ``seed``."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -77,9 +88,3 @@ def data_parallel(model, parallel):
     if parallel and torch.cuda.device_count() > 1:
         return torch.nn.DataParallel(model)
     return model
-
-
-def unwrap(model):
-    """The module inside a DataParallel / DistributedDataParallel wrapper."""
-    return model.module if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)) \
-        else model

@@ -1,2 +1,2 @@
-"""Evaluation of generated images (DESIGN §7): FID / IS through pytorch-gan-metrics' Inception
-network, reference statistics files, sharded resumable generation, SNN-versus-ANN agreement."""
+"""Evaluation of generated images: FID / IS through pytorch-gan-metrics' Inception network,
+reference statistics files, sharded resumable generation, SNN-versus-ANN agreement."""

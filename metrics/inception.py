@@ -128,9 +128,10 @@ def check_stats(path, dataset="cifar10"):
                         f"{stats_command(dataset, path)}")
 
 
-def load_stats(path):
-    """(mu [2048], sigma [2048, 2048]) from a statistics file; errors name the path."""
-    check_stats(path)
+def load_stats(path, dataset="cifar10"):
+    """(mu [2048], sigma [2048, 2048]) from a statistics file; errors name the path (and, when it
+    is absent, the command that computes it for ``dataset``)."""
+    check_stats(path, dataset)
     try:
         with np.load(path) as f:
             mu, sigma = f["mu"], f["sigma"]

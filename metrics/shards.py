@@ -2,39 +2,38 @@
 
 Images are made in shards of ``shard_size`` images, each written atomically as
 ``shard_00012.npz`` (uint8 [shard_size, H, W, 3]) into a folder keyed by what determines the
-images (the checkpoint, sampler, steps, eta, seed, shard size). The noise of shard ``i`` depends
-only on (seed, i), so a restarted run skips the shards it finds and its output is identical to an
-uninterrupted run's. Under torchrun shard ``i`` belongs to rank ``i % world_size``.
+images (the checkpoint's digest, the sampler settings, the seed, the shard size). Every random
+draw of shard ``i`` comes from generators seeded by (seed, i) only, so a restarted run skips the
+shards it finds and its output is identical to an uninterrupted run's. Under torchrun shard
+``i`` belongs to rank ``i % world_size``.
 """
-import hashlib
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from common.atomic import atomic_open
+from common.checkpoint import file_digest
+from common.runtime import derived_seed, generator
 
 
-def file_digest(path, chunk=1 << 20):
-    """First 10 hex digits of the sha1 of a file (a re-trained checkpoint gets new shards)."""
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()[:10]
+@dataclass(frozen=True)
+class ShardPlan:
+    """Where the shards go and what fixes their images besides the model and the sampler."""
+    folder: str
+    shard_size: int
+    img_size: int
+    seed: int
 
 
-def shard_folder(logdir, model_path, sampler, steps, eta, seed, shard_size):
-    """``<logdir>/eval_<model>_<sampler><steps>[_eta<eta>]_seed<seed>_b<shard_size>_<digest>``."""
+def shard_folder(logdir, model_path, sampler_cfg, network_calls, seed, shard_size):
+    """``<logdir>/eval_<model>_<sampler><calls>[_eta<eta>][_clip]_seed<seed>_b<shard_size>_<digest>``."""
     stem = os.path.splitext(os.path.basename(model_path))[0]
-    eta_part = f"_eta{eta:g}" if sampler == "ddim" else ""
-    tag = f"{stem}_{sampler}{steps}{eta_part}_seed{seed}_b{shard_size}_{file_digest(model_path)}"
+    eta = f"_eta{sampler_cfg.eta:g}" if sampler_cfg.sampler == "ddim" else ""
+    clip = "_clip" if sampler_cfg.clip_denoised else ""
+    tag = f"{stem}_{sampler_cfg.sampler}{network_calls}{eta}{clip}_seed{seed}_b{shard_size}_{file_digest(model_path, 10)}"
     return os.path.join(logdir, f"eval_{tag}")
-
-
-def shard_seed(seed, index):
-    """A 63-bit seed for shard ``index``, a function of (seed, index) only."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 def shard_path(folder, index):
@@ -47,17 +46,17 @@ def to_uint8(x):
     return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def shard_noise(seed, index, shard_size, img_size):
+def shard_noise(plan, index):
     """x_T [shard_size, 3, img_size, img_size] of shard ``index`` (CPU generator: any device agrees)."""
-    gen = torch.Generator().manual_seed(shard_seed(seed, index))
-    return torch.randn(shard_size, 3, img_size, img_size, generator=gen)
+    size = plan.img_size
+    return torch.randn(plan.shard_size, 3, size, size, generator=generator(derived_seed(plan.seed, index)))
 
 
-def generate_shard(sample_fn, seed, index, shard_size, img_size, device):
-    """uint8 [shard_size, H, W, 3]: ``sample_fn(x_T)`` with every random draw seeded by (seed, index)."""
-    x_T = shard_noise(seed, index, shard_size, img_size).to(device)
-    torch.manual_seed(shard_seed(seed, index) ^ 0x5DEECE66D)  # the sampler's own noise (randn_like)
-    return to_uint8(sample_fn(x_T))
+def generate_shard(sample_fn, plan, index, device):
+    """uint8 [shard_size, H, W, 3]: ``sample_fn(x_T, generator)`` with x_T and the generator of the
+    sampler's own noise seeded by (seed, index). The images move to the CPU once, here."""
+    x_T = shard_noise(plan, index).to(device)
+    return to_uint8(sample_fn(x_T, generator(derived_seed(plan.seed, index, 1), device)))
 
 
 def save_shard(path, images):
@@ -75,28 +74,27 @@ def load_shard(path, shard_size):
     return images if images.dtype == np.uint8 and len(images) == shard_size else None
 
 
-def plan_shards(folder, num_shards, shard_size, rank=0, world_size=1):
+def plan_shards(plan, num_shards, rank=0, world_size=1):
     """(mine, todo): the shards rank ``rank`` owns (round-robin over ranks) and those not yet on disk."""
-    os.makedirs(folder, exist_ok=True)
+    os.makedirs(plan.folder, exist_ok=True)
     mine = list(range(rank, num_shards, world_size))
-    return mine, [i for i in mine if load_shard(shard_path(folder, i), shard_size) is None]
+    return mine, [i for i in mine if load_shard(shard_path(plan.folder, i), plan.shard_size) is None]
 
 
-def make_shards(sample_fn, folder, todo, shard_size, img_size, seed, device, max_new=None, pbar=None):
+def make_shards(sample_fn, plan, todo, device, max_new=None, pbar=None):
     """Generate and save the shards ``todo``; returns how many were made.
 
-    ``max_new`` stops after that many shards (an interruption, for tests); ``pbar`` is a tqdm
+    ``max_new`` stops after that many shards (an interruption, for tests); ``pbar`` is a progress
     bar counted in images.
     """
     made = 0
     for index in todo:
         if max_new is not None and made >= max_new:
             break
-        images = generate_shard(sample_fn, seed, index, shard_size, img_size, device)
-        save_shard(shard_path(folder, index), images)
+        save_shard(shard_path(plan.folder, index), generate_shard(sample_fn, plan, index, device))
         made += 1
         if pbar is not None:
-            pbar.update(shard_size)
+            pbar.update(plan.shard_size)
     return made
 
 

@@ -184,6 +184,14 @@ class UNet(nn.Module):
         init.xavier_uniform_(self.tail[-1].weight, gain=1e-5)
         init.zeros_(self.tail[-1].bias)
 
+    @classmethod
+    def from_config(cls, cfg, T, kernels="reference", **extra):
+        """The UNet of a ``common.configs.UNetConfig`` for ``T`` diffusion steps; ``extra`` goes to
+        a subclass (the spiking UNet's conversion mode)."""
+        return cls(T=T, ch=cfg.ch, ch_mult=list(cfg.ch_mult), attn=list(cfg.attn), num_res_blocks=cfg.num_res_blocks,
+                   dropout=cfg.dropout, bit=cfg.bit, wbit=cfg.wbit, alpha_init=cfg.alpha_init, kernels=kernels,
+                   **extra)
+
     def blocks(self):
         """The blocks in forward order as (name, module): the unit of block-wise fine-tuning."""
         named = [("time_embedding", self.time_embedding), ("head", self.head)]

@@ -1,4 +1,4 @@
-"""Block-wise fine-tuning of a converted spiking UNet against its quantized ANN (DESIGN §4).
+"""Block-wise fine-tuning of a converted spiking UNet against its quantized ANN (``docs/finetune.md``).
 
 Fast-SNN's layer-wise tuning, adapted to the UNet's blocks (``UNet.blocks()``, forward order).
 For block k, with the blocks before it already tuned, every step
@@ -18,6 +18,7 @@ a fixed held-out batch says the whole SNN got closer to the ANN; otherwise they 
 """
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -70,7 +71,7 @@ def block_output(model, block, x, t):
     return _run_until_captured(model, block, x, t, register)["output"]
 
 
-def mean_over_time(value, T):
+def decode_input(value, T):
     """Rate decoding of one block input: ``[T*B, ...]`` -> ``[B, ...]``.
 
     Integer inputs (the diffusion step fed to the time embedding) are the same at every time
@@ -93,8 +94,8 @@ def straight_through_output(snn_block, ann_block, args, kwargs, T):
     """
     with torch.no_grad():
         snn_out = time_mean(snn_block(*args, **kwargs), T)
-    mean_args = tuple(mean_over_time(a, T) for a in args)
-    mean_kwargs = {k: mean_over_time(v, T) for k, v in kwargs.items()}
+    mean_args = tuple(decode_input(a, T) for a in args)
+    mean_kwargs = {k: decode_input(v, T) for k, v in kwargs.items()}
     tensors = {**dict(snn_block.named_parameters()), **dict(snn_block.named_buffers())}
     ann_out = functional_call(ann_block, tensors, mean_args, mean_kwargs)
     return ann_out + (snn_out - ann_out).detach()
@@ -129,7 +130,7 @@ def block_loss(snn, ann, pair, x_t, t):
 
 
 def freeze_thresholds(model):
-    """``act_alpha`` of every IF neuron stops taking gradients (DESIGN §4: thresholds stay fixed)."""
+    """``act_alpha`` of every IF neuron stops taking gradients: thresholds stay those of the ANN."""
     for module in model.modules():
         if isinstance(module, IFNeuron):
             module.act_alpha.requires_grad_(False)
@@ -141,32 +142,15 @@ def trainable_parameters(block):
     return [p for p in block.parameters() if p.requires_grad]
 
 
-def draw_batch(x_0, q_sample, T_diffusion, generator=None):
+def draw_batch(x_0, diffusion, generator=None):
     """The training distribution for x_0 [B, 3, H, W]: returns (x_t [B, 3, H, W], t [B]).
 
-    t ~ U{0, ..., T_diffusion - 1}, noise ~ N(0, I), x_t = q_sample(x_0, t, noise) (DDPM eq. 4).
+    t ~ U{0, ..., T-1}, noise ~ N(0, I), x_t = q_sample(x_0, t, noise) (DDPM eq. 4).
     ``generator`` (on x_0's device) makes the draws reproducible.
     """
-    t = torch.randint(T_diffusion, size=(x_0.shape[0],), device=x_0.device, generator=generator)
+    t = torch.randint(diffusion.T, size=(x_0.shape[0],), device=x_0.device, generator=generator)
     noise = torch.randn(x_0.shape, device=x_0.device, dtype=x_0.dtype, generator=generator)
-    return q_sample(x_0, t, noise), t
-
-
-def validation_batch(dataset, size, q_sample, T_diffusion, seed, device="cpu"):
-    """A fixed held-out batch: (x_t [size, 3, H, W], t [size]) on ``device``, the same for a given seed.
-
-    x_0 are ``size`` images of ``dataset`` chosen by ``seed``, t is spread evenly over
-    0..T_diffusion-1 and the noise comes from ``seed`` too.
-    """
-    if size > len(dataset):
-        raise ValueError(f"a validation batch of {size} needs at least as many images, the data has {len(dataset)}")
-    generator = torch.Generator().manual_seed(seed)
-    index = torch.randperm(len(dataset), generator=generator)[:size].tolist()
-    x_0 = torch.stack([dataset[i][0] for i in index])
-    t = torch.linspace(0, T_diffusion - 1, size).round().long()
-    noise = torch.randn(x_0.shape, generator=generator)
-    x_0, t, noise = x_0.to(device), t.to(device), noise.to(device)
-    return q_sample(x_0, t, noise), t
+    return diffusion.q_sample(x_0, t, noise), t
 
 
 def average_gradients(params, world_size):
@@ -179,18 +163,6 @@ def average_gradients(params, world_size):
             p.grad.div_(world_size)
 
 
-def tune_step(snn, ann, pair, x_t, t, optim, params, grad_clip, world_size=1):
-    """One Adam step of ``pair``'s SNN block on the batch (x_t [B, 3, H, W], t [B]); returns the loss."""
-    optim.zero_grad(set_to_none=True)
-    loss = block_loss(snn, ann, pair, x_t, t)
-    loss.backward()
-    average_gradients(params, world_size)
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    optim.step()
-    return loss.detach()
-
-
 def snapshot(block):
     """A detached copy of ``block``'s state to revert to."""
     return {k: v.detach().clone() for k, v in block.state_dict().items()}
@@ -201,94 +173,95 @@ def revert(block, state):
     block.load_state_dict(state)
 
 
-@torch.no_grad()
-def relative_error(model, ann_out, x_t, t, chunk=64):
-    """||model(x_t, t) - ann_out|| / ||ann_out|| over the whole batch (Frobenius norms).
-
-    ``x_t`` [N, 3, H, W], ``t`` [N], ``ann_out`` [N, 3, H, W] (the ANN's noise prediction).
-    """
-    diff, ref = 0.0, 0.0
-    for i in range(0, x_t.shape[0], chunk):
-        out = model(x_t[i:i + chunk], t[i:i + chunk]).double()
-        target = ann_out[i:i + chunk].double()
-        diff += (out - target).pow(2).sum().item()
-        ref += target.pow(2).sum().item()
-    return (diff / ref) ** 0.5
-
-
 @dataclass
 class BlockRecord:
     """What fine-tuning block ``name`` did (one entry of ``finetune.json``)."""
     index: int
     name: str
-    loss_start: float   # block MSE on the fixed held-out batch before tuning
+    loss_start: float   # block MSE on the fixed probe batch before tuning
     loss_end: float     # ... after tuning (before the keep/revert decision)
     val_before: float   # whole-SNN relative L2 error vs the ANN before tuning the block
     val_after: float    # ... with the tuned block
     kept: bool          # val_after < val_before: the tuned weights stay; otherwise reverted
     steps: int
+    lr: float
     wall_s: float
 
     def as_dict(self):
         return asdict(self)
 
 
-def tune_block(snn, ann, pair, batches, validate, val_before, probe, lr, steps, grad_clip,
-               world_size=1, on_step=None):
-    """Fine-tune one block, then keep it if ``validate()`` fell below ``val_before``, else revert.
+@dataclass
+class Tuner:
+    """Block-wise tuning of ``snn`` against ``ann`` with the settings of a ``FinetuneConfig``.
 
-    ``batches`` yields (x_t [B, 3, H, W], t [B]); ``probe`` is a fixed (x_t, t) batch for the
-    block loss before/after; ``validate()`` returns the whole SNN's relative error to the ANN (the
-    same number on every rank). ``on_step(step, loss)`` is called after every step. Returns a
-    ``BlockRecord``; the SNN holds the kept (or restored) weights.
+    ``validate()`` returns the whole SNN's relative error to the ANN on a fixed held-out batch
+    (the same number on every rank); ``probe`` is a fixed (x_t, t) batch for the block loss
+    before and after. ``on_step(pair, step, loss)`` runs after every step, ``on_block(record,
+    val_error)`` after every block (checkpoints, samples, logs).
     """
-    start = time.time()
-    params = trainable_parameters(pair.snn_block)
-    saved = snapshot(pair.snn_block)
-    loss_start = probe_loss(snn, ann, pair, probe)
-    if params and steps > 0:
-        optim = torch.optim.Adam(params, lr=lr)
-        for step in range(steps):
-            x_t, t = next(batches)
-            loss = tune_step(snn, ann, pair, x_t, t, optim, params, grad_clip, world_size)
-            if on_step is not None:
-                on_step(step, loss)
-    loss_end = probe_loss(snn, ann, pair, probe)
-    val_after = validate()
-    kept = val_after < val_before
-    if not kept:
-        revert(pair.snn_block, saved)
-    return BlockRecord(pair.index, pair.name, loss_start, loss_end, val_before, val_after, kept, steps,
-                       round(time.time() - start, 2))
+    snn: torch.nn.Module
+    ann: torch.nn.Module
+    cfg: object
+    validate: Callable[[], float]
+    probe: tuple
+    world_size: int = 1
+    on_step: Optional[Callable] = None
+    on_block: Optional[Callable] = None
 
+    def step(self, pair, x_t, t, optim, params):
+        """One Adam step of ``pair``'s SNN block on (x_t [B, 3, H, W], t [B]); returns the loss."""
+        optim.zero_grad(set_to_none=True)
+        loss = block_loss(self.snn, self.ann, pair, x_t, t)
+        loss.backward()
+        average_gradients(params, self.world_size)
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        optim.step()
+        return loss.detach()
 
-def probe_loss(snn, ann, pair, probe):
-    with torch.no_grad():
-        return block_loss(snn, ann, pair, *probe).item()
+    def probe_loss(self, pair):
+        with torch.no_grad():
+            return block_loss(self.snn, self.ann, pair, *self.probe).item()
 
+    def tune_block(self, pair, batches, val_before):
+        """Tune one block, then keep it if ``validate()`` fell below ``val_before``, else revert.
 
-def finetune(snn, ann, batches_for, validate, probe, lr, steps, grad_clip, start_block=0,
-             val_error=None, world_size=1, on_block=None, on_step=None):
-    """Tune every block from ``start_block`` on, in forward order; returns the ``BlockRecord``s.
+        ``batches`` yields (x_t, t). Returns a ``BlockRecord``; the SNN holds the kept (or
+        restored, bit for bit) weights.
+        """
+        start, params, saved = time.time(), trainable_parameters(pair.snn_block), snapshot(pair.snn_block)
+        loss_start = self.probe_loss(pair)
+        if params and self.cfg.ft_steps > 0:
+            optim = torch.optim.Adam(params, lr=self.cfg.lr)
+            for step in range(self.cfg.ft_steps):
+                loss = self.step(pair, *next(batches), optim, params)
+                if self.on_step is not None:
+                    self.on_step(pair, step, loss)
+        loss_end = self.probe_loss(pair)
+        val_after = self.validate()
+        kept = val_after < val_before
+        if not kept:
+            revert(pair.snn_block, saved)
+        return BlockRecord(pair.index, pair.name, loss_start, loss_end, val_before, val_after, kept,
+                           self.cfg.ft_steps, self.cfg.lr, round(time.time() - start, 2))
 
-    ``batches_for(index)`` gives block ``index``'s stream of (x_t, t) batches; ``val_error`` is
-    the current validation error (computed when None). ``on_block(record, val_error)`` runs after
-    each block (checkpoints, samples, logs), ``on_step(pair, step, loss)`` after each step.
-    """
-    snn.eval()
-    ann.eval()
-    freeze_thresholds(snn)
-    ann.requires_grad_(False)
-    if val_error is None:
-        val_error = validate()
-    records = []
-    for pair in block_pairs(snn, ann)[start_block:]:
-        step_hook = (lambda step, loss, pair=pair: on_step(pair, step, loss)) if on_step else None
-        record = tune_block(snn, ann, pair, batches_for(pair.index), validate, val_error, probe, lr, steps,
-                            grad_clip, world_size, step_hook)
-        if record.kept:
-            val_error = record.val_after
-        records.append(record)
-        if on_block is not None:
-            on_block(record, val_error)
-    return records
+    def run(self, batches_for, start_block=0, val_error=None):
+        """Tune every block from ``start_block`` on, in forward order; returns the ``BlockRecord``s.
+
+        ``batches_for(index)`` gives block ``index``'s stream of (x_t, t) batches; ``val_error`` is
+        the current validation error (computed when None).
+        """
+        self.snn.eval()
+        self.ann.eval()
+        freeze_thresholds(self.snn)
+        self.ann.requires_grad_(False)
+        val_error = self.validate() if val_error is None else val_error
+        records = []
+        for pair in block_pairs(self.snn, self.ann)[start_block:]:
+            record = self.tune_block(pair, batches_for(pair.index), val_error)
+            val_error = record.val_after if record.kept else val_error
+            records.append(record)
+            if self.on_block is not None:
+                self.on_block(record, val_error)
+        return records

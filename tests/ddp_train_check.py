@@ -18,10 +18,10 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 import ANN_train  # noqa: E402
-from common import checkpoint  # noqa: E402
+from common import checkpoint, data  # noqa: E402
 from common.errors import run  # noqa: E402
 
-_train_loop = ANN_train.train_loop
+_run = ANN_train.TrainLoop.run
 
 
 def same_state(model, state):
@@ -30,23 +30,23 @@ def same_state(model, state):
     return own.keys() == state.keys() and all(torch.equal(own[k].cpu(), state[k]) for k in own)
 
 
-def train_loop_then_compare(rt, step, trainer, net_model, ema_model, optim, sched, batches, x_T, writer,
-                            ckpt_path):
-    _train_loop(rt, step, trainer, net_model, ema_model, optim, sched, batches, x_T, writer, ckpt_path)
-    ckpt = checkpoint.load_checkpoint(ckpt_path)  # complete: train_loop ends with a barrier after saving
+def run_then_compare(loop, dataset):
+    _run(loop, dataset)
+    ckpt = checkpoint.load_checkpoint(loop.ckpt_path)  # complete: run() ends with a barrier after saving
+    batch = next(data.training_batches(dataset, loop.cfg.batch_size, loop.rt))
     report = {
-        "rank": rt.rank,
-        "world_size": rt.world_size,
-        "per_rank_batch": int(next(batches).shape[0]),
-        "net_equal": same_state(net_model, ckpt["net_model"]),
-        "ema_equal": same_state(ema_model, ckpt["ema_model"]),
-        "param_sum": float(sum(p.double().sum() for p in net_model.parameters())),
+        "rank": loop.rt.rank,
+        "world_size": loop.rt.world_size,
+        "per_rank_batch": int(batch.shape[0]),
+        "net_equal": same_state(loop.net_model, ckpt["net_model"]),
+        "ema_equal": same_state(loop.ema_model, ckpt["ema_model"]),
+        "param_sum": float(sum(p.double().sum() for p in loop.net_model.parameters())),
     }
-    with open(os.path.join(os.path.dirname(ckpt_path), f"rank{rt.rank}.json"), "w") as f:
+    with open(os.path.join(loop.logdir, f"rank{loop.rt.rank}.json"), "w") as f:
         json.dump(report, f)
 
 
-ANN_train.train_loop = train_loop_then_compare
+ANN_train.TrainLoop.run = run_then_compare
 
 if __name__ == "__main__":
     run(ANN_train.main)

@@ -56,3 +56,41 @@ def test_atomic_files_get_the_usual_mode_and_failures_leave_no_trace(tmp_path):
             1 / 0
     assert json.loads(path.read_text()) == {"a": 1}
     assert os.listdir(path.parent) == ["report.json"]
+
+
+OLD_FLAGS = {"ch": 32, "ch_mult": [1], "attn": [], "num_res_blocks": 1, "dropout": 0.0, "bit": 2, "wbit": 32,
+             "T": 20, "beta_1": 1e-4, "beta_T": 0.02, "mean_type": "epsilon", "var_type": "fixedlarge",
+             "img_size": 8, "dataset": "shapes", "lr": 0.002, "batch_size": 32, "seed": 0}
+
+
+def test_checkpoints_of_the_first_format_still_load(tmp_path):
+    """Before the configs, checkpoints held a flat ``flags`` dict and SNN weights under 'ema_model'
+    with 'signed' and 'T' beside them: both still load, as what they were."""
+    from common.configs import ModelConfig, UNetConfig
+    from common.models import build_unet
+    from snn.convert import convert
+    from snn.io import load_model
+    ann = build_unet(checkpoint.model_config(checkpoint._upgrade({"flags": dict(OLD_FLAGS)})))
+    checkpoint.save_atomic({"net_model": ann.state_dict(), "ema_model": ann.state_dict(), "step": 7,
+                            "flags": dict(OLD_FLAGS)}, str(tmp_path / "ckpt.pt"))
+    snn = convert(ann, "signed")
+    checkpoint.save_atomic({"ema_model": snn.state_dict(), "flags": dict(OLD_FLAGS), "bit": 2, "T": 3,
+                            "signed": True}, str(tmp_path / "converted_snn.pt"))
+    old_ann = load_model(str(tmp_path / "ckpt.pt"))
+    assert old_ann.kind == "ann" and old_ann.config == ModelConfig.from_dict(old_ann.ckpt["config"])
+    assert old_ann.config.unet == UNetConfig(ch=32, ch_mult=(1,), attn=(), num_res_blocks=1, dropout=0.0, bit=2)
+    assert old_ann.config.diffusion.T == 20 and old_ann.config.data.img_size == 8
+    assert old_ann.ckpt["config"]["train"]["lr"] == 0.002
+    old_snn = load_model(str(tmp_path / "converted_snn.pt"))
+    assert old_snn.kind == "snn" and old_snn.snn.neuron == "signed" and old_snn.snn.norm == "step"
+    assert old_snn.ckpt["time_steps"] == 3 and old_snn.model.time_steps == 3
+    state = old_snn.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in snn.state_dict().items())
+
+
+def test_file_digest_is_the_sha256_of_the_bytes(tmp_path):
+    import hashlib
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"spikes" * 300000)
+    assert checkpoint.file_digest(str(path)) == hashlib.sha256(b"spikes" * 300000).hexdigest()
+    assert checkpoint.file_digest(str(path), 10) == checkpoint.file_digest(str(path))[:10]

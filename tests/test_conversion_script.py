@@ -16,12 +16,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = dict(ch=32, ch_mult=[1], attn=[], num_res_blocks=1, dropout=0.0, bit=2, wbit=32, T=100,
              beta_1=1e-4, beta_T=0.02, mean_type="epsilon", var_type="fixedlarge", img_size=16,
              dataset="shapes", lr=2e-4, total_steps=3, warmup=1, batch_size=4, ema_decay=0.9, seed=0)
-SMALL_RUN = ["--sampler=ddim", "--sample_steps=2", "--sample_size=4", "--error_size=8", "--batch_size=8",
-             "--num_workers=0"]
+SMALL_RUN = ["--sampler=ddim", "--sample_steps=2", "--sample_size=4", "--val_size=8", "--num_workers=0"]
 
 
 def write_ckpt(logdir, **overrides):
-    """A ``ckpt.pt`` as ANN_train.py writes it, with a UNet of random weights."""
+    """A ``ckpt.pt`` in the first format (a flat ``flags`` dict), with a UNet of random weights."""
     flags = {**FLAGS, **overrides}
     torch.manual_seed(0)
     model = UNet(T=flags["T"], ch=flags["ch"], ch_mult=flags["ch_mult"], attn=flags["attn"],
@@ -43,15 +42,18 @@ def test_converts_samples_and_reports(tmp_path):
     write_ckpt(tmp_path)
     proc = convert_script(f"--logdir={tmp_path}", "--sign", *SMALL_RUN)
     assert proc.returncode == 0, proc.stderr
-    model, kind, ckpt = load_model(str(tmp_path / "converted_snn.pt"))
-    assert kind == "snn" and isinstance(model, SpikingUNet)
-    assert ckpt["bit"] == 2 and ckpt["T"] == 3 and ckpt["signed"] is True and model.neuron == "signed"
+    loaded = load_model(str(tmp_path / "converted_snn.pt"))
+    model, ckpt = loaded.model, loaded.ckpt
+    assert loaded.kind == "snn" and isinstance(model, SpikingUNet)
+    assert ckpt["config"]["unet"]["bit"] == 2 and ckpt["time_steps"] == 3 and model.neuron == "signed"
+    assert ckpt["config"]["snn"] == {"neuron": "signed", "norm": "step"}
     ann_state = torch.load(tmp_path / "ckpt.pt", weights_only=False)["ema_model"]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ann_state.items())
     for name in ("ann.png", "snn.png", "ann_vs_snn.png"):
         assert (tmp_path / "images" / name).stat().st_size > 0
     report = json.loads((tmp_path / "conversion.json").read_text())
-    assert report["bit"] == 2 and report["T"] == 3 and report["signed"] is True
+    assert report["bit"] == 2 and report["time_steps"] == 3 and report["neuron"] == "signed"
+    assert report["clip_denoised"] is False and report["network_calls"] == 2 and report["val_images"] == "held-out"
     assert 0 <= report["noise_relative_error"] < float("inf")
     assert [q["t_min"] for q in report["noise_relative_error_by_t"]][0] == 0
     assert report["noise_relative_error_by_t"][-1]["t_max"] == FLAGS["T"] - 1

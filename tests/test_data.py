@@ -20,21 +20,32 @@ def test_shapes_are_deterministic_and_varied():
         assert len(np.unique(data.draw_shape(i).reshape(-1, 3), axis=0)) >= 2
 
 
-def test_shapes_dataset_range_and_flip():
+def test_shapes_dataset_range_and_random_flip():
     ds = data.load_dataset("shapes", None, img_size=32)
     x, label = ds[3]
     assert x.shape == (3, 32, 32) and -1 <= x.min() and x.max() <= 1
-    assert label == 3 % len(data.SHAPE_CLASSES)
-    unflipped = data.ShapesDataset(transform=data.train_transform(32, flip=False))[3][0]
-    torch.manual_seed(0)
-    views = {tuple(ds[3][0][0, 0, :4].tolist()) for _ in range(20)}
-    flipped = torch.flip(unflipped, dims=[2])
-    assert {tuple(unflipped[0, 0, :4].tolist()), tuple(flipped[0, 0, :4].tolist())} >= views
+    assert label == 3 % len(data.SHAPE_CLASSES) == data.shape_attributes(3)[0]
+    assert torch.equal(ds[3][0], x)  # datasets are deterministic; flips happen per training batch
+    batch = torch.stack([ds[i][0] for i in range(64)])
+    flipped = data.random_flip(batch, torch.Generator().manual_seed(0))
+    mirrored = torch.tensor([torch.equal(f, b.flip(-1)) and not torch.equal(f, b) for f, b in zip(flipped, batch)])
+    kept = torch.tensor([torch.equal(f, b) for f, b in zip(flipped, batch)])
+    assert bool((mirrored | kept).all()) and 16 < int(mirrored.sum()) < 48
+    assert torch.equal(flipped, data.random_flip(batch, torch.Generator().manual_seed(0)))
+
+
+def test_shape_attributes_are_what_is_drawn():
+    for index in range(12):
+        kind, fg, bg = data.shape_attributes(index)
+        img = data.draw_shape(index).reshape(-1, 3).astype(float)
+        assert kind == index % 6 and fg != bg
+        # the foreground colour is drawn exactly; the background is shaded by a gradient
+        assert (np.abs(img - data._PALETTE[fg]).sum(1) < 1e-6).any()
 
 
 def test_held_out_shapes_are_images_training_never_sees():
-    train = data.load_dataset("shapes", None, img_size=32, flip=False)
-    held_out = data.load_dataset("shapes", None, img_size=32, flip=False, train=False)
+    train = data.load_dataset("shapes", None, img_size=32)
+    held_out = data.load_dataset("shapes", None, img_size=32, train=False)
     assert len(train) == data.SHAPES_SIZE and len(held_out) == data.SHAPES_TEST_SIZE
     expected = torch.from_numpy(data.draw_shape(data.SHAPES_SIZE + 5)).permute(2, 0, 1).float() / 127.5 - 1
     x, label = held_out[5]
@@ -84,11 +95,27 @@ def test_missing_cifar10_is_one_clear_error(tmp_path, monkeypatch):
     assert "nowhere" in msg and "cifar-10-batches-py" in msg and "\n" not in msg
 
 
-def test_infinite_batches_cycle_and_check_sizes():
+def test_training_batches_cycle_and_check_sizes():
     rt = runtime.Runtime(device=torch.device("cpu"))
-    ds = data.ShapesDataset(length=10, transform=data.train_transform(32))
-    batches = data.infinite_batches(ds, 4, rt)
+    ds = data.ShapesDataset(length=10, transform=data.to_tensor(32))
+    batches = data.training_batches(ds, 4, rt)
     shapes = [next(batches).shape for _ in range(5)]  # more batches than one epoch holds
     assert all(s == (4, 3, 32, 32) for s in shapes)
     with pytest.raises(UserError):
-        next(data.infinite_batches(ds, 16, rt))
+        next(data.training_batches(ds, 16, rt))
+
+
+def test_step_batches_are_a_function_of_seed_and_step():
+    """Step s of a run that starts at step k gets the indices step s of a run from step 0 gets;
+    an epoch visits every index once (the rest of a batch dropped); ranks split the global batch."""
+    whole = iter(data.StepBatchSampler(22, 4, seed=3))
+    steps = [next(whole) for _ in range(12)]
+    resumed = iter(data.StepBatchSampler(22, 4, seed=3, start_step=7))
+    assert [next(resumed) for _ in range(5)] == steps[7:]
+    epoch = sum(steps[:5], [])
+    assert len(epoch) == len(set(epoch)) == 20 and set(epoch) <= set(range(22))
+    assert steps[:5] != steps[5:10]  # a new permutation every epoch
+    parts = [next(iter(data.StepBatchSampler(22, 4, seed=3, start_step=6, rank=r, world_size=2))) for r in range(2)]
+    assert parts[0] + parts[1] == steps[6] and len(parts[0]) == 2
+    with pytest.raises(UserError, match="divisible"):
+        data.StepBatchSampler(22, 5, world_size=2)

@@ -1,4 +1,4 @@
-"""The scripts under torchrun: two CPU processes (gloo) (DESIGN §9).
+"""The scripts under torchrun: two CPU processes (gloo).
 
 Six torchrun launches (~15-20 s each on two cores): train 3 steps, resume to 5, a sharded
 evaluation compared with a single process, and conversion and fine-tuning of the trained model.
@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from common import configs
 from common.checkpoint import load_checkpoint
 from common.models import build_unet
 from snn.io import load_model
@@ -64,14 +65,14 @@ def test_ranks_end_identical_and_the_checkpoint_loads_alone(trained):
     assert "resuming" not in proc.stdout
     assert_ranks_agree(logdir)
     ckpt = load_checkpoint(os.path.join(logdir, "ckpt.pt"))
-    assert ckpt["step"] == 3 and ckpt["flags"]["batch_size"] == 4
+    assert ckpt["step"] == 3 and ckpt["config"]["train"]["batch_size"] == 4
     assert all(not key.startswith("module.") for key in ckpt["net_model"])
     init = tiny_initial_weights()
     assert any(not torch.equal(init[k], ckpt["net_model"][k]) for k in init if k.endswith("weight")), \
         "training moved the weights away from the initialisation"
 
     # one process, no process group: the checkpoint is a plain model
-    model, kind, _ = load_model(os.path.join(logdir, "ckpt.pt"))
+    model, kind, *_ = load_model(os.path.join(logdir, "ckpt.pt"))
     assert kind == "ann"
     with torch.no_grad():
         out = model(torch.zeros(2, 3, 16, 16), torch.tensor([0, 99]))
@@ -117,7 +118,8 @@ def test_sharded_evaluation_makes_the_images_of_one_process(trained, tmp_path):
 def tiny_initial_weights():
     """The UNet of TINY_TRAIN as ANN_train initialises it (--seed=0 before building the model)."""
     torch.manual_seed(0)
-    cfg = {"T": 100, "ch": 32, "ch_mult": [1], "attn": [], "num_res_blocks": 1, "dropout": 0.0, "bit": 2}
+    cfg = configs.ModelConfig(configs.UNetConfig(ch=32, ch_mult=(1,), num_res_blocks=1, dropout=0.0, bit=2),
+                              configs.DiffusionConfig(T=100), configs.DataConfig("shapes", 16))
     return build_unet(cfg).state_dict()
 
 
@@ -126,13 +128,16 @@ def test_conversion_and_finetuning_run_under_torchrun(trained, tmp_path):
     logdir = tmp_path / "run"
     logdir.mkdir()
     shutil.copy(os.path.join(trained[0], "ckpt.pt"), logdir / "ckpt.pt")
-    torchrun(os.path.join(ROOT, "SNN_conversion.py"), f"--logdir={logdir}", "--sample_size=2", "--error_size=4",
-             "--batch_size=2", "--sampler=ddim", "--sample_steps=2", "--num_workers=0")
-    assert json.loads((logdir / "conversion.json").read_text())["T"] == 3
+    torchrun(os.path.join(ROOT, "SNN_conversion.py"), f"--logdir={logdir}", "--sample_size=2", "--val_size=4",
+             "--sampler=ddim", "--sample_steps=2", "--num_workers=0")
+    converted = json.loads((logdir / "conversion.json").read_text())
+    assert converted["time_steps"] == 3
     torchrun(os.path.join(ROOT, "SNN_ft.py"), f"--logdir={logdir}", "--dataset=shapes", "--ft_steps=2",
              "--batch_size=4", "--val_size=4", "--sample_size=0", "--num_workers=0", "--lr=0.001")
     out_dir = logdir / "SNN_2bit_ft"
-    model, kind, ckpt = load_model(str(out_dir / "snn_ft.pt"))
+    model, kind, *_ = load_model(str(out_dir / "snn_ft.pt"))
     result = json.loads((out_dir / "finetune.json").read_text())
     assert kind == "snn" and result["finished"]
     assert [b["index"] for b in result["blocks"]] == list(range(len(model.blocks())))
+    # the same held-out batch and the same SNN: stage 2 and stage 3 report the same error
+    assert result["converted_error"] == converted["noise_relative_error"]

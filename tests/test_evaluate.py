@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import evaluate
+from common import configs
 from common.checkpoint import save_atomic
 from common.errors import UserError
 from common.models import build_unet
@@ -19,11 +20,11 @@ from snn.convert import convert
 from snn.io import save_snn
 from test_metrics import inception_home, offline, torch_home  # noqa: F401 (fixtures)
 
-TINY = {"ch": 32, "ch_mult": [1], "attn": [], "num_res_blocks": 1, "dropout": 0.0, "bit": 2, "wbit": 32,
-        "T": 20, "beta_1": 1e-4, "beta_T": 0.02, "mean_type": "epsilon", "var_type": "fixedlarge",
-        "img_size": 8, "dataset": "shapes"}
-FIELDS = ("IS", "IS_std", "FID", "warning", "metrics_skipped", "model_path", "kind", "bit", "T", "signed",
-          "sampler", "sample_steps", "eta", "num_images", "seed", "fid_cache", "shards", "wall_s", "time",
+TINY = configs.ModelConfig(configs.UNetConfig(ch=32, ch_mult=(1,), attn=(), num_res_blocks=1, dropout=0.0, bit=2),
+                           configs.DiffusionConfig(T=20), configs.DataConfig("shapes", 8))
+FIELDS = ("IS", "IS_std", "FID", "warning", "metrics_skipped", "model_path", "kind", "bit", "time_steps", "neuron",
+          "norm", "sampler", "sample_steps", "eta", "clip_denoised", "num_images", "seed", "fid_cache", "shards",
+          "wall_s", "time",
           "energy_pJ_per_image", "ann_energy_pJ_per_image", "firing_rate", "psnr_snn_vs_ann_dB", "ann_path",
           "shards_made", "shards_reused", "world_size")
 
@@ -38,8 +39,8 @@ def run_dir(tmp_path_factory):
         for p in ann.parameters():
             p.add_(0.05 * torch.randn_like(p))
     state = ann.state_dict()
-    save_atomic({"net_model": state, "ema_model": state, "flags": TINY, "step": 0}, str(folder / "ckpt.pt"))
-    save_snn(str(folder / "converted_snn.pt"), convert(ann, "if"), TINY)
+    save_atomic({"net_model": state, "ema_model": state, "config": TINY.to_dict(), "step": 0}, str(folder / "ckpt.pt"))
+    save_snn(str(folder / "converted_snn.pt"), convert(ann, "if"), TINY, configs.SNNConfig("if"))
     feats = np.random.default_rng(0).normal(size=(30, 2048))
     inception.save_stats(str(folder / "stats.npz"), *inception.feature_statistics(feats))
     return folder
@@ -73,7 +74,8 @@ def first_run(run_dir, inception_home, tmp_path_factory):
 def test_record_has_every_field(first_run, run_dir):
     logdir, record = first_run
     assert not [field for field in FIELDS if field not in record]
-    assert record["kind"] == "snn" and record["bit"] == 2 and record["T"] == 3 and record["signed"] is False
+    assert record["kind"] == "snn" and record["bit"] == 2 and record["time_steps"] == 3
+    assert record["neuron"] == "if" and record["norm"] == "step" and record["clip_denoised"] is False
     assert record["sampler"] == "ddim" and record["sample_steps"] == 2 and record["num_images"] == 10
     assert math.isfinite(record["FID"]) and record["FID"] > 0
     assert 1 - 1e-9 <= record["IS"] <= 5  # 5 images per split bound the score
@@ -133,7 +135,7 @@ def test_fewer_images_than_splits_is_refused(run_dir, offline, tmp_path):
 def test_an_ann_is_evaluated_the_same_way(run_dir, tmp_path):
     record = evaluate_run(f"--eval_model_path={run_dir / 'ckpt.pt'}", f"--logdir={tmp_path}", "--sampler=ddpm",
                           "--num_images=4", "--batch_size=4", "--fid=skip", "--probe_images=1")
-    assert record["kind"] == "ann" and record["T"] is None and record["sample_steps"] == TINY["T"]
+    assert record["kind"] == "ann" and record["time_steps"] is None and record["sample_steps"] == TINY.diffusion.T
     assert record["metrics_skipped"] == "--fid=skip" and "psnr_snn_vs_ann_dB" not in record
     assert record["energy_pJ_per_image"] == pytest.approx(record["ann_energy_pJ_per_image"])
 

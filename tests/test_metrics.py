@@ -164,32 +164,34 @@ def test_stats_command_writes_statistics_that_load_back(torch_home, shape_featur
     assert not [name for name in os.listdir(tmp_path / "stats") if name != "shapes.train.npz"]
 
 
-def fake_sampler(x_T):
+def fake_sampler(x_T, generator):
     """A sampler that also draws its own noise, like the ancestral one: [B, 3, H, W] in [-1, 1]."""
-    return torch.tanh(x_T + 0.5 * torch.randn_like(x_T))
+    return torch.tanh(x_T + 0.5 * torch.randn(x_T.shape, generator=generator))
 
 
 def test_interrupted_generation_resumes_identically(tmp_path):
     size, num_images = 4, 10                     # 3 shards, the last one used in part
-    full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    for folder, max_new in ((full, None), (part, 1)):
-        _, todo = shards.plan_shards(folder, 3, size)
+    plans = {name: shards.ShardPlan(str(tmp_path / name), size, 8, seed=5) for name in ("full", "part")}
+    for name, max_new in (("full", None), ("part", 1)):
+        _, todo = shards.plan_shards(plans[name], 3)
         assert todo == [0, 1, 2]
-        assert shards.make_shards(fake_sampler, folder, todo, size, 8, seed=5, device="cpu",
-                                  max_new=max_new) == (3 if max_new is None else 1)
-    with open(shards.shard_path(part, 1), "wb") as f:   # a torn write must not count as a shard
+        assert shards.make_shards(fake_sampler, plans[name], todo, "cpu", max_new=max_new) == \
+            (3 if max_new is None else 1)
+    with open(shards.shard_path(plans["part"].folder, 1), "wb") as f:   # a torn write must not count as a shard
         f.write(b"PK\x03\x04 torn")
-    _, todo = shards.plan_shards(part, 3, size)
+    torch.manual_seed(99)  # the global generator plays no part
+    _, todo = shards.plan_shards(plans["part"], 3)
     assert todo == [1, 2]
-    shards.make_shards(fake_sampler, part, todo, size, 8, seed=5, device="cpu")
-    a, b = shards.gather_images(full, num_images, size), shards.gather_images(part, num_images, size)
+    shards.make_shards(fake_sampler, plans["part"], todo, "cpu")
+    a, b = (shards.gather_images(plans[name].folder, num_images, size) for name in ("full", "part"))
     assert a.shape == (num_images, 8, 8, 3) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a[:4], a[4:8])     # shards get different noise
 
 
 def test_shards_are_split_round_robin_over_ranks(tmp_path):
-    owned = [shards.plan_shards(str(tmp_path), 7, 2, rank, 3)[0] for rank in range(3)]
+    plan = shards.ShardPlan(str(tmp_path), 2, 8, 0)
+    owned = [shards.plan_shards(plan, 7, rank, 3)[0] for rank in range(3)]
     assert owned == [[0, 3, 6], [1, 4], [2, 5]]
 
 

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from common.checkpoint import load_checkpoint
+from common.checkpoint import load_checkpoint, model_config
 from common.models import build_unet
 from tests.helpers import TINY_TRAIN, assert_one_line_error, run_script, train_tiny
 
@@ -13,11 +13,14 @@ from tests.helpers import TINY_TRAIN, assert_one_line_error, run_script, train_t
 def test_train_writes_a_complete_checkpoint(tmp_path):
     train_tiny(tmp_path, 3)
     ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
-    assert {"net_model", "ema_model", "optim", "sched", "step", "x_T", "flags"} <= set(ckpt)
+    assert {"net_model", "ema_model", "optim", "sched", "step", "x_T", "config"} <= set(ckpt)
     assert ckpt["step"] == 3
-    assert ckpt["flags"]["bit"] == 2 and ckpt["flags"]["ch_mult"] == [1] and ckpt["flags"]["img_size"] == 16
-    model = build_unet(ckpt["flags"])
-    model.load_state_dict(ckpt["ema_model"])  # strict: the stored flags rebuild the model
+    config = ckpt["config"]
+    assert config["unet"]["bit"] == 2 and config["unet"]["ch_mult"] == [1] and config["data"]["img_size"] == 16
+    assert config["data"]["dataset"] == "shapes" and config["diffusion"]["T"] == 100
+    assert config["train"]["batch_size"] == 4 and config["train"]["total_steps"] == 3
+    model = build_unet(model_config(ckpt))
+    model.load_state_dict(ckpt["ema_model"])  # strict: the stored configuration rebuilds the model
     assert ckpt["net_model"].keys() == ckpt["ema_model"].keys()
     # EMA (decay 0.9) lags the online weights
     key = "head.weight"
@@ -40,17 +43,46 @@ def test_resume_continues_from_the_saved_step(tmp_path):
     assert "nothing to do" in again.stdout
 
 
+def test_resume_with_only_logdir_and_total_steps_equals_an_uninterrupted_run(tmp_path):
+    """The model, the data, the image size and the training settings come from ckpt.pt; every
+    random draw of a step is a function of (seed, step), so 3 + 3 steps end where 6 steps end."""
+    dropout = [a for a in TINY_TRAIN if not a.startswith("--dropout")] + ["--dropout=0.1"]
+    run_script("ANN_train.py", *dropout, f"--logdir={tmp_path / 'whole'}", "--total_steps=6", "--save_step=6")
+    run_script("ANN_train.py", *dropout, f"--logdir={tmp_path / 'split'}", "--total_steps=3", "--save_step=3")
+    proc = run_script("ANN_train.py", f"--logdir={tmp_path / 'split'}", "--total_steps=6", "--num_workers=0")
+    assert "resuming" in proc.stdout and "note:" not in proc.stdout
+    whole, split = (load_checkpoint(str(tmp_path / name / "ckpt.pt")) for name in ("whole", "split"))
+    assert split["step"] == whole["step"] == 6 and split["config"] == whole["config"]
+    for key in ("net_model", "ema_model"):
+        for name, value in whole[key].items():
+            assert torch.equal(split[key][name], value), (key, name)
+
+
+def test_a_changed_learning_rate_on_resume_is_applied_and_said(tmp_path):
+    train_tiny(tmp_path, 2, "--warmup=0")
+    proc = run_script("ANN_train.py", f"--logdir={tmp_path}", "--total_steps=3", "--lr=0.5", "--num_workers=0")
+    assert "--lr=0.5 (the checkpoint had 0.0002)" in proc.stdout
+    ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ckpt["config"]["train"]["lr"] == 0.5
+    assert [g["lr"] for g in ckpt["optim"]["param_groups"]] == [0.5]  # what ran is what is recorded
+
+
 def test_init_from_full_precision(tmp_path):
+    from common.configs import UNetConfig
+    from common.models import load_init
     fp = tmp_path / "fp"
     train_tiny(fp, 2, "--bit=32")
-    q = tmp_path / "q"
-    train_tiny(q, 1, "--bit=2", f"--init={fp / 'ckpt.pt'}", "--lr=0")
-    source = load_checkpoint(str(fp / "ckpt.pt"))["ema_model"]
-    target = load_checkpoint(str(q / "ckpt.pt"))["net_model"]
+    source = load_checkpoint(str(fp / "ckpt.pt"))
+    cfg = model_config(source)
+    quantized = build_unet(type(cfg)(UNetConfig(**{**cfg.unet.__dict__, "bit": 2}), cfg.diffusion, cfg.data))
+    initialised = load_init(quantized, str(fp / "ckpt.pt"))
+    target = quantized.state_dict()
     alphas = [k for k in target if k.endswith("act_alpha")]
-    assert alphas and all(k not in source for k in alphas)
-    assert all(target[k].item() == 6.0 for k in alphas)  # initialised, untouched with lr 0
-    assert all(torch.equal(source[k], target[k]) for k in source)
+    assert alphas and sorted(initialised) == sorted(alphas) and all(k not in source["ema_model"] for k in alphas)
+    assert all(target[k].item() == 6.0 for k in alphas)  # the initial threshold
+    assert all(torch.equal(value, target[k]) for k, value in source["ema_model"].items())
+    # and through the command line: the run starts from those weights
+    train_tiny(tmp_path / "q", 1, "--bit=2", f"--init={fp / 'ckpt.pt'}")
 
 
 def test_user_errors_are_one_line(tmp_path):
@@ -83,8 +115,35 @@ def test_non_finite_training_stops_before_saving(tmp_path):
     # an infinite learning rate spoils the weights in the first update: no checkpoint may hold them
     proc = run_script("ANN_train.py", *TINY_TRAIN, f"--logdir={tmp_path / 'inf'}", "--total_steps=20",
                       "--save_step=1", "--lr=inf", "--warmup=0", check=False)
-    assert_one_line_error(proc, "became", "at step 1")
+    assert_one_line_error(proc, "became", "at step 1", "no checkpoint was written")
     assert not (tmp_path / "inf" / "ckpt.pt").exists()
+    # after a good checkpoint, the message says it is kept, and it is
+    train_tiny(tmp_path / "good", 2)
+    before = (tmp_path / "good" / "ckpt.pt").read_bytes()
+    proc = run_script("ANN_train.py", f"--logdir={tmp_path / 'good'}", "--total_steps=4", "--lr=inf",
+                      "--save_step=1", check=False)
+    assert_one_line_error(proc, "at step 3", "ckpt.pt is kept")
+    assert (tmp_path / "good" / "ckpt.pt").read_bytes() == before
+
+
+def test_a_new_run_removes_the_temporaries_a_killed_one_left(tmp_path):
+    """A write cut short by kill -9 leaves ``.ckpt.pt.<host>-<pid>.<random>.tmp``: the next start
+    removes those of dead processes of this machine, and nothing else."""
+    import socket
+    import subprocess
+    from common import atomic
+    host = atomic._HOST
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / "sample").mkdir()
+    stale = [tmp_path / f".ckpt.pt.{host}-{dead.pid}.abcd1234.tmp", tmp_path / "sample" / f".4.png.{host}-{dead.pid}.x1y2z3w4.tmp"]
+    kept = [tmp_path / f".ckpt.pt.{host}-{os.getpid()}.live0000.tmp", tmp_path / f".ckpt.pt.otherhost-{dead.pid}.zzzz0000.tmp",
+            tmp_path / "notes.tmp"]
+    for path in stale + kept:
+        path.write_bytes(b"partial")
+    train_tiny(tmp_path, 1)
+    assert not [p for p in stale if p.exists()] and all(p.exists() for p in kept)
+    assert socket.gethostname()
 
 
 def test_bad_flags_are_one_line():

@@ -1,0 +1,122 @@
+"""Typed settings: what a checkpoint's model is, how it was trained, converted, tuned and sampled.
+
+Each setting is defined once, in a frozen dataclass whose field names are the flag names
+(``docs/flags.md``). Scripts turn flags into configs (``common.flags``); library code takes
+configs, never flags. Every checkpoint stores its configs as plain dicts (``to_dict``) under
+``config``, and a model is rebuilt from them alone (``ModelConfig.from_dict``).
+"""
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The UNet and its quantization (pytorch-ddpm's CIFAR-10 model by default)."""
+    ch: int = 128                       # base channels, a multiple of 32 (GroupNorm has 32 groups)
+    ch_mult: tuple = (1, 2, 2, 2)       # channel multiplier per resolution level
+    attn: tuple = ()                    # levels with self-attention (full precision only)
+    num_res_blocks: int = 2
+    dropout: float = 0.1
+    bit: int = 2                        # activation bits; 32 = plain ReLU
+    wbit: int = 32                      # APoT weight bits; 32 = full-precision weights
+    alpha_init: float = 6.0             # initial clipping threshold act_alpha
+
+    @property
+    def levels(self):
+        """Number of resolution levels; an image size must be divisible by 2 ** (levels - 1)."""
+        return len(self.ch_mult)
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The linear beta schedule of Ho et al. (2020) and what the model predicts."""
+    T: int = 1000                       # diffusion steps (the SNN's time steps are ``time_steps``)
+    beta_1: float = 1e-4
+    beta_T: float = 0.02
+    mean_type: str = "epsilon"          # epsilon / xstart / xprev
+    var_type: str = "fixedlarge"        # fixedlarge / fixedsmall
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The images the model generates."""
+    dataset: str = "cifar10"            # cifar10 / shapes
+    img_size: int = 32
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a trained model and sample from it."""
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self):
+        return {"unet": to_dict(self.unet), "diffusion": to_dict(self.diffusion), "data": to_dict(self.data)}
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(from_dict(UNetConfig, d["unet"]), from_dict(DiffusionConfig, d["diffusion"]),
+                   from_dict(DataConfig, d["data"]))
+
+
+@dataclass(frozen=True)
+class SNNConfig:
+    """How a quantized ANN becomes a spiking UNet; its time steps follow from ``bit``."""
+    neuron: str = "if"                  # if (binary) / signed (Fast-SNN) / graded (signed, integer spikes)
+    norm: str = "step"                  # step: GroupNorm per time step / compensated: exact in total
+
+    @staticmethod
+    def time_steps(bit):
+        """T = 2**bit - 1: the SNN's time steps for ``bit``-bit activations (never a flag)."""
+        return 2 ** bit - 1
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How images are drawn from a model (not stored with it: every run chooses)."""
+    sampler: str = "ddpm"               # ddpm (ancestral, T steps) / ddim
+    sample_steps: int = 100             # network calls of the fast samplers
+    eta: float = 0.0                    # DDIM noise (0: deterministic)
+    clip_denoised: bool = False         # clip the predicted x_0 before the posterior mean
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Stage 1's optimisation."""
+    lr: float = 2e-4
+    grad_clip: float = 1.0
+    total_steps: int = 800000
+    warmup: int = 5000
+    batch_size: int = 128               # global: split over torchrun processes
+    ema_decay: float = 0.9999
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Stage 3's block-wise tuning."""
+    lr: float = 1e-6
+    ft_steps: int = 20000               # steps per block
+    batch_size: int = 128
+    grad_clip: float = 1.0              # 0: no clipping
+    val_size: int = 128                 # held-out pairs that decide keep or revert
+    seed: int = 0
+
+
+def to_dict(cfg):
+    """A config as a plain dict of JSON types (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+
+
+def from_dict(cls, d):
+    """``cls`` from a plain dict; keys it does not know are ignored, missing ones take the defaults."""
+    known = {f.name: f for f in fields(cls)}
+    return cls(**{k: _typed(known[k], v) for k, v in d.items() if k in known})
+
+
+def _typed(f, value):
+    return tuple(value) if f.type is tuple or f.type == "tuple" else value
+
+
+def field_names(cls):
+    return [f.name for f in fields(cls)]
