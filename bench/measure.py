@@ -10,19 +10,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import torch
 
-from common.configs import SamplerConfig
+from common.configs import SamplerConfig, UNetConfig
 from diffusion import GaussianDiffusion, make_sampler
 from model import UNet
 from snn.convert import convert
 from snn.neuron import spike_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = dict(T=1000, ch=32, ch_mult=[1, 2], attn=[], num_res_blocks=1, dropout=0.0)
-CIFAR10 = dict(T=1000, ch=128, ch_mult=[1, 2, 2, 2], attn=[], num_res_blocks=2, dropout=0.1)
-TINY = dict(T=1000, ch=32, ch_mult=[1], attn=[], num_res_blocks=1, dropout=0.0)
+DEMO = UNetConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, dropout=0.0)
+CIFAR10 = UNetConfig(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, dropout=0.1)
+TINY = UNetConfig(ch=32, ch_mult=(1,), num_res_blocks=1, dropout=0.0)
 BIT = 2
 
 
@@ -64,8 +65,8 @@ def snn_over_ann(name, cfg, batch, device, repeats, signed=False):
     too), and the two SNNs against each other; the four models are timed in turn.
     """
     torch.manual_seed(0)
-    ann = UNet(bit=BIT, **cfg).to(device).eval()
-    ann_fused = UNet(bit=BIT, kernels="auto", **cfg).to(device).eval()
+    ann = UNet(replace(cfg, bit=BIT), 1000).to(device).eval()
+    ann_fused = UNet(replace(cfg, bit=BIT), 1000, "auto").to(device).eval()
     ann_fused.load_state_dict(ann.state_dict())
     kind = "signed" if signed else "if"
     snn, snn_fused = convert(ann, kind), convert(ann_fused, kind)
@@ -104,7 +105,7 @@ def quant_over_fp_train(device, repeats, batch=16):
     steps = {}
     for bit, kernels in ((32, "reference"), (BIT, "auto"), (BIT, "reference")):
         torch.manual_seed(0)
-        unet = UNet(bit=bit, kernels=kernels, **DEMO)
+        unet = UNet(replace(DEMO, bit=bit), 1000, kernels)
         unet = unet.to(device).train()
         diffusion = GaussianDiffusion(1e-4, 0.02, 1000).to(device)
         optim = torch.optim.Adam(unet.parameters(), lr=1e-4)
@@ -135,7 +136,7 @@ def ddim_over_ddpm(device, quick=False):
     steps of each sampler, scaled to 100 and 1000 steps.
     """
     torch.manual_seed(0)
-    model = UNet(bit=BIT, **(DEMO if quick else TINY)).to(device).eval()
+    model = UNet(replace(DEMO if quick else TINY, bit=BIT), 1000).to(device).eval()
     x_T = torch.randn(1, 3, 32, 32, device=device)
     diffusion = GaussianDiffusion(1e-4, 0.02, 1000).to(device)
     ddpm = make_sampler(diffusion, SamplerConfig("ddpm"))

@@ -211,7 +211,8 @@ def snn_config(stored=None, source=None):
     if FLAGS.sign is not None:
         shorthand = "signed" if FLAGS.sign else "if"
         if given and neuron != shorthand:
-            raise UserError(f"--{'' if FLAGS.sign else 'no'}sign contradicts --neuron={neuron}; give one of them")
+            raise UserError(f"--{'' if FLAGS.sign else 'no'}sign (short for --neuron={shorthand}) contradicts "
+                            f"--neuron={neuron} (given too, perhaps in a flagfile); give one of them")
         neuron, given = shorthand, True
     wanted = configs.SNNConfig(neuron=neuron, norm=FLAGS.norm)
     if stored is None:

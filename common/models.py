@@ -8,7 +8,7 @@ from model import UNet
 def build_unet(cfg, kernels="reference"):
     """The (quantized) ``UNet`` of a ``ModelConfig``; an impossible architecture is a ``UserError``."""
     try:
-        return UNet.from_config(cfg.unet, cfg.diffusion.T, kernels)
+        return UNet(cfg.unet, cfg.diffusion.T, kernels)
     except ValueError as err:
         raise UserError(str(err)) from None
 

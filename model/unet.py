@@ -5,14 +5,26 @@ after ``snn.convert`` swaps each ``QuantReLU`` for an IF neuron, the spiking UNe
 names never change, so every checkpoint loads strictly into every variant.
 """
 import math
+from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn import init
 
+from common.configs import UNetConfig
 from quant import FULL_PRECISION, QConv2d, QLinear, QuantReLU
+
+
+@dataclass(frozen=True)
+class Layers:
+    """How the UNet's layers are made: activation, conv and linear factories, and the dropout rate."""
+    act: Callable
+    conv: Callable
+    linear: Callable
+    dropout: float
 
 
 class TimeEmbedding(nn.Module):
@@ -21,7 +33,7 @@ class TimeEmbedding(nn.Module):
     ``t``: [B] int64 -> [B, dim].
     """
 
-    def __init__(self, T, d_model, dim, act, linear):
+    def __init__(self, T, d_model, dim, layers):
         super().__init__()
         assert d_model % 2 == 0, "the sinusoidal embedding needs an even width"
         freqs = torch.exp(-torch.arange(0, d_model, 2).float() / d_model * math.log(10000))
@@ -29,9 +41,9 @@ class TimeEmbedding(nn.Module):
         table = torch.stack([torch.sin(angles), torch.cos(angles)], dim=-1).view(T, d_model)
         self.timembedding = nn.Sequential(
             nn.Embedding.from_pretrained(table),
-            linear(d_model, dim),
-            act(),
-            linear(dim, dim),
+            layers.linear(d_model, dim),
+            layers.act(),
+            layers.linear(dim, dim),
         )
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -93,12 +105,13 @@ class AttnBlock(nn.Module):
 class ResBlock(nn.Module):
     """GroupNorm -> act -> conv, + projected time embedding, GroupNorm -> act -> dropout -> conv, + skip."""
 
-    def __init__(self, in_ch, out_ch, tdim, dropout, act, conv, linear, attn=False):
+    def __init__(self, in_ch, out_ch, tdim, layers, attn=False):
         super().__init__()
+        act, conv = layers.act, layers.conv
         self.block1 = nn.Sequential(nn.GroupNorm(32, in_ch), act(), conv(in_ch, out_ch, 3, stride=1, padding=1))
-        self.temb_proj = nn.Sequential(act(), linear(tdim, out_ch))
+        self.temb_proj = nn.Sequential(act(), layers.linear(tdim, out_ch))
         self.block2 = nn.Sequential(
-            nn.GroupNorm(32, out_ch), act(), nn.Dropout(dropout), conv(out_ch, out_ch, 3, stride=1, padding=1))
+            nn.GroupNorm(32, out_ch), act(), nn.Dropout(layers.dropout), conv(out_ch, out_ch, 3, stride=1, padding=1))
         self.shortcut = conv(in_ch, out_ch, 1, stride=1, padding=0) if in_ch != out_ch else nn.Identity()
         self.attn = AttnBlock(out_ch) if attn else nn.Identity()
         for part in (self.block1, self.temb_proj, self.block2, self.shortcut):
@@ -116,81 +129,73 @@ class ResBlock(nn.Module):
         return self.attn(h)
 
 
+def check_config(cfg):
+    """ValueError for a ``UNetConfig`` no UNet can be built from."""
+    for i in cfg.attn:
+        if not 0 <= i < len(cfg.ch_mult):
+            raise ValueError(f"attention level {i} is out of range for ch_mult {list(cfg.ch_mult)}")
+    if cfg.attn and cfg.bit != FULL_PRECISION:
+        raise ValueError(
+            f"attention (--attn {list(cfg.attn)}) is only available for the full-precision model (--bit=32): "
+            "softmax attention multiplies two activations and has no integrate-and-fire "
+            "equivalent, so a quantized model meant for conversion must not use it")
+    if cfg.ch % 32:
+        raise ValueError(f"--ch must be a multiple of 32 (GroupNorm uses 32 groups), got {cfg.ch}")
+
+
 class UNet(nn.Module):
     """Noise-prediction UNet of pytorch-ddpm with ``QuantReLU(bit)`` in place of Swish.
 
-    forward(x [B, 3, H, W], t [B] int64) -> [B, 3, H, W].
-    ``wbit < 32`` quantizes the weights of every conv and linear layer but the first and the
-    last (APoT); ``alpha_init`` is the initial clipping threshold of every quantized activation
-    (a trained value comes with the state dict); ``kernels``
-    (reference / compile / auto, ``common.compiled``) is how the quantizers run, with the same values; ``attn`` lists the resolution levels with self-attention and is only accepted
-    for the full-precision baseline, since attention has no integrate-and-fire equivalent.
+    forward(x [B, 3, H, W], t [B] int64) -> [B, 3, H, W], for ``T`` diffusion steps.
+    ``config`` (``common.configs.UNetConfig``): ``wbit < 32`` quantizes the weights of every conv
+    and linear layer but the first and the last (APoT); ``alpha_init`` is the initial clipping
+    threshold of every quantized activation (a trained value comes with the state dict);
+    ``attn`` lists the resolution levels with self-attention and is only accepted for the
+    full-precision baseline, since attention has no integrate-and-fire equivalent. ``kernels``
+    (reference / compile / auto, ``common.compiled``) is how the quantizers run, with the same
+    values.
     """
 
-    def __init__(self, T, ch, ch_mult, attn, num_res_blocks, dropout, bit=FULL_PRECISION,
-                 wbit=FULL_PRECISION, alpha_init=6.0, kernels="reference"):
+    def __init__(self, config=UNetConfig(), T=1000, kernels="reference"):
         super().__init__()
-        attn = list(attn or [])
-        ch_mult = list(ch_mult)
-        for i in attn:
-            if not 0 <= i < len(ch_mult):
-                raise ValueError(f"attention level {i} is out of range for ch_mult {ch_mult}")
-        if attn and bit != FULL_PRECISION:
-            raise ValueError(
-                f"attention (--attn {attn}) is only available for the full-precision model (--bit=32): "
-                "softmax attention multiplies two activations and has no integrate-and-fire "
-                "equivalent, so a quantized model meant for conversion must not use it")
-        if ch % 32:
-            raise ValueError(f"--ch must be a multiple of 32 (GroupNorm uses 32 groups), got {ch}")
-        self.config = dict(T=int(T), ch=int(ch), ch_mult=ch_mult, attn=attn, num_res_blocks=int(num_res_blocks),
-                           dropout=float(dropout), bit=int(bit), wbit=int(wbit))
-        self.bit = int(bit)
-        self.kernels = kernels
-        act = partial(QuantReLU, bit, init_alpha=alpha_init, kernels=kernels)
-        conv = partial(QConv2d, wbit=wbit)
-        linear = partial(QLinear, wbit=wbit)
-        block = partial(ResBlock, dropout=dropout, act=act, conv=conv, linear=linear)
-
-        tdim = ch * 4
-        self.time_embedding = TimeEmbedding(T, ch, tdim, act, linear)
+        check_config(config)
+        self.config, self.T, self.bit, self.kernels = config, int(T), config.bit, kernels
+        layers = Layers(act=partial(QuantReLU, config.bit, init_alpha=config.alpha_init, kernels=kernels),
+                        conv=partial(QConv2d, wbit=config.wbit), linear=partial(QLinear, wbit=config.wbit),
+                        dropout=config.dropout)
+        ch, tdim = config.ch, config.ch * 4
+        self.time_embedding = TimeEmbedding(T, ch, tdim, layers)
         self.head = nn.Conv2d(3, ch, kernel_size=3, stride=1, padding=1)
-        self.downblocks = nn.ModuleList()
-        chs = [ch]
-        now_ch = ch
-        for i, mult in enumerate(ch_mult):
-            for _ in range(num_res_blocks):
-                self.downblocks.append(block(now_ch, ch * mult, tdim, attn=i in attn))
-                now_ch = ch * mult
-                chs.append(now_ch)
-            if i != len(ch_mult) - 1:
-                self.downblocks.append(DownSample(now_ch, conv))
-                chs.append(now_ch)
-        self.middleblocks = nn.ModuleList([
-            block(now_ch, now_ch, tdim, attn=bool(attn)),
-            block(now_ch, now_ch, tdim),
-        ])
-        self.upblocks = nn.ModuleList()
-        for i, mult in reversed(list(enumerate(ch_mult))):
-            for _ in range(num_res_blocks + 1):
-                self.upblocks.append(block(chs.pop() + now_ch, ch * mult, tdim, attn=i in attn))
-                now_ch = ch * mult
-            if i != 0:
-                self.upblocks.append(UpSample(now_ch, conv))
-        assert not chs, "every skip tensor is consumed by an up block"
-        self.tail = nn.Sequential(nn.GroupNorm(32, now_ch), act(), nn.Conv2d(now_ch, 3, 3, stride=1, padding=1))
-
+        now_ch = self._build_levels(layers, tdim)
+        self.tail = nn.Sequential(nn.GroupNorm(32, now_ch), layers.act(), nn.Conv2d(now_ch, 3, 3, stride=1, padding=1))
         init.xavier_uniform_(self.head.weight)
         init.zeros_(self.head.bias)
         init.xavier_uniform_(self.tail[-1].weight, gain=1e-5)
         init.zeros_(self.tail[-1].bias)
 
-    @classmethod
-    def from_config(cls, cfg, T, kernels="reference", **extra):
-        """The UNet of a ``common.configs.UNetConfig`` for ``T`` diffusion steps; ``extra`` goes to
-        a subclass (the spiking UNet's conversion mode)."""
-        return cls(T=T, ch=cfg.ch, ch_mult=list(cfg.ch_mult), attn=list(cfg.attn), num_res_blocks=cfg.num_res_blocks,
-                   dropout=cfg.dropout, bit=cfg.bit, wbit=cfg.wbit, alpha_init=cfg.alpha_init, kernels=kernels,
-                   **extra)
+    def _build_levels(self, layers, tdim):
+        """The down, middle and up blocks; returns the channels entering the tail."""
+        cfg, block = self.config, partial(ResBlock, layers=layers)
+        self.downblocks, self.upblocks = nn.ModuleList(), nn.ModuleList()
+        chs, now_ch = [cfg.ch], cfg.ch
+        for i, mult in enumerate(cfg.ch_mult):
+            for _ in range(cfg.num_res_blocks):
+                self.downblocks.append(block(now_ch, cfg.ch * mult, tdim, attn=i in cfg.attn))
+                now_ch = cfg.ch * mult
+                chs.append(now_ch)
+            if i != len(cfg.ch_mult) - 1:
+                self.downblocks.append(DownSample(now_ch, layers.conv))
+                chs.append(now_ch)
+        self.middleblocks = nn.ModuleList([block(now_ch, now_ch, tdim, attn=bool(cfg.attn)),
+                                           block(now_ch, now_ch, tdim)])
+        for i, mult in reversed(list(enumerate(cfg.ch_mult))):
+            for _ in range(cfg.num_res_blocks + 1):
+                self.upblocks.append(block(chs.pop() + now_ch, cfg.ch * mult, tdim, attn=i in cfg.attn))
+                now_ch = cfg.ch * mult
+            if i != 0:
+                self.upblocks.append(UpSample(now_ch, layers.conv))
+        assert not chs, "every skip tensor is consumed by an up block"
+        return now_ch
 
     def blocks(self):
         """The blocks in forward order as (name, module): the unit of block-wise fine-tuning."""

@@ -29,8 +29,8 @@ class SpikingUNet(UNet):
     T steps (``snn.norm``); with ``graded`` neurons too, the output is the ANN's.
     """
 
-    def __init__(self, neuron="if", norm="step", **config):
-        super().__init__(**config)
+    def __init__(self, config, T=1000, kernels="reference", neuron="if", norm="step"):
+        super().__init__(config, T, kernels)
         if self.bit == FULL_PRECISION:
             raise ValueError("a full-precision (--bit=32) UNet has no quantized activations to convert")
         self.time_steps = 2 ** self.bit - 1
@@ -57,9 +57,9 @@ def convert(ann, neuron="if", norm="step"):
         ann = ann.module
     if not isinstance(ann, UNet):
         raise TypeError(f"convert expects a UNet, got {type(ann).__name__}")
-    if ann.config["attn"]:
+    if ann.config.attn:
         raise ValueError("a UNet with attention cannot be converted: attention has no IF-neuron equivalent")
-    snn = SpikingUNet(neuron=neuron, norm=norm, kernels=ann.kernels, **ann.config)
+    snn = SpikingUNet(ann.config, ann.T, ann.kernels, neuron, norm)
     snn.load_state_dict(ann.state_dict())
     param = next(ann.parameters())
     return snn.to(param.device, param.dtype).train(ann.training)

@@ -36,7 +36,7 @@ def save_snn(path, snn, cfg, snn_cfg, **extra):
 def build_snn(cfg, snn_cfg, kernels="reference"):
     """An untrained ``SpikingUNet`` of a ``ModelConfig`` in ``snn_cfg``'s mode."""
     try:
-        return SpikingUNet.from_config(cfg.unet, cfg.diffusion.T, kernels, neuron=snn_cfg.neuron, norm=snn_cfg.norm)
+        return SpikingUNet(cfg.unet, cfg.diffusion.T, kernels, snn_cfg.neuron, snn_cfg.norm)
     except ValueError as err:
         raise UserError(str(err)) from None
 

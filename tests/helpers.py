@@ -35,3 +35,11 @@ def assert_one_line_error(proc, *fragments):
     assert len(lines) == 1, proc.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def unet(T=100, kernels="reference", **fields):
+    """A ``UNet`` of ``UNetConfig(**fields)`` (lists become tuples) for ``T`` diffusion steps."""
+    from common.configs import UNetConfig
+    from model import UNet
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    return UNet(UNetConfig(**fields), T, kernels)

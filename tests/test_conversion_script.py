@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.checkpoint import save_atomic
-from model import UNet
+from helpers import unet
 from snn import SpikingUNet
 from snn.io import load_model
 
@@ -23,7 +23,7 @@ def write_ckpt(logdir, **overrides):
     """A ``ckpt.pt`` in the first format (a flat ``flags`` dict), with a UNet of random weights."""
     flags = {**FLAGS, **overrides}
     torch.manual_seed(0)
-    model = UNet(T=flags["T"], ch=flags["ch"], ch_mult=flags["ch_mult"], attn=flags["attn"],
+    model = unet(flags["T"], ch=flags["ch"], ch_mult=flags["ch_mult"], attn=flags["attn"],
                  num_res_blocks=flags["num_res_blocks"], dropout=flags["dropout"], bit=flags["bit"])
     optim = torch.optim.Adam(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: 1.0)

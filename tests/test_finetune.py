@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from common.configs import FinetuneConfig
 from diffusion import GaussianDiffusion
-from model import UNet
+from helpers import unet
 from model.unet import ResBlock
 from quant import QuantReLU
 from snn import agreement
@@ -26,7 +26,7 @@ T_DIFF = 100
 def tiny_pair(seed=0, signed=False):
     """A tiny 2-bit UNet with weights large enough that the SNN differs from the ANN, and its SNN."""
     torch.manual_seed(seed)
-    ann = UNet(T=T_DIFF, ch=32, ch_mult=[1], attn=[], num_res_blocks=1, dropout=0.0, bit=2).eval()
+    ann = unet(T_DIFF, ch=32, ch_mult=[1], attn=[], num_res_blocks=1, dropout=0.0, bit=2).eval()
     with torch.no_grad():
         for m in ann.modules():
             if isinstance(m, QuantReLU):

@@ -136,14 +136,14 @@ def test_reference_kernels_are_the_loop():
 def test_kernels_chosen_at_construction_reach_every_quantizer_and_neuron():
     """--kernels: a UNet built with compiled kernels, and the SNN converted from it, compute what
     the reference-built ones compute."""
-    from model import UNet
+    from helpers import unet
     from quant import QuantReLU
     from snn import convert
 
     torch.manual_seed(0)
-    cfg = dict(T=100, ch=32, ch_mult=[1, 2], attn=[], num_res_blocks=1, dropout=0.0, bit=2, alpha_init=1.0)
-    ann = UNet(**cfg).eval()
-    ann_fused = UNet(kernels="compile", **cfg).eval()
+    cfg = dict(ch=32, ch_mult=[1, 2], attn=[], num_res_blocks=1, dropout=0.0, bit=2, alpha_init=1.0)
+    ann = unet(100, **cfg).eval()
+    ann_fused = unet(100, kernels="compile", **cfg).eval()
     ann_fused.load_state_dict(ann.state_dict())
     snn, snn_fused = convert(ann, "signed"), convert(ann_fused, "signed")
     assert all(m.kernels == "compile" for m in ann_fused.modules() if isinstance(m, QuantReLU))
@@ -154,7 +154,7 @@ def test_kernels_chosen_at_construction_reach_every_quantizer_and_neuron():
         assert torch.equal(bits(ann_fused(x, t)), bits(ann(x, t)))
         assert torch.equal(bits(snn_fused(x, t)), bits(snn(x, t)))
     with pytest.raises(ValueError, match="kernels"):
-        UNet(kernels="triton", **cfg)
+        unet(100, kernels="triton", **cfg)
 
 
 def quantizer_inputs(alpha, levels, generator):

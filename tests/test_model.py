@@ -2,19 +2,19 @@
 import pytest
 import torch
 
-from model import UNet
+from helpers import unet
 from quant import QuantReLU
 
 
 def tiny(bit=2, **kw):
-    cfg = dict(T=100, ch=32, ch_mult=[1, 2], attn=[], num_res_blocks=1, dropout=0.0, bit=bit)
+    cfg = dict(ch=32, ch_mult=[1, 2], attn=[], num_res_blocks=1, dropout=0.0, bit=bit)
     cfg.update(kw)
-    return UNet(**cfg)
+    return unet(100, **cfg)
 
 
 def test_cifar10_baseline_has_pytorch_ddpm_size():
     # pytorch-ddpm's CIFAR-10 model (attention at 16x16): 35.75 M trainable parameters
-    model = UNet(T=1000, ch=128, ch_mult=[1, 2, 2, 2], attn=[1], num_res_blocks=2, dropout=0.1)
+    model = unet(1000, ch=128, ch_mult=[1, 2, 2, 2], attn=[1], num_res_blocks=2, dropout=0.1, bit=32)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == 35_746_307
 

@@ -13,14 +13,14 @@ import torch
 import torch.nn as nn
 from torch.nn import init
 
-from model import UNet
+from helpers import unet
 from quant import QuantReLU, quantize_activation
 from snn import IFNeuron, SpikingUNet, convert, fold, swap_activations, time_mean, unfold
 from snn.neuron import if_spikes, spike_train
 from snn.norm import CompensatedGroupNorm, swap_group_norms
 
 HAS_CXX = any(shutil.which(name) for name in ("g++", "c++", "clang++"))
-SMALL = dict(T=100, ch=32, ch_mult=[1, 2], attn=[], num_res_blocks=1, dropout=0.0)
+SMALL = dict(ch=32, ch_mult=[1, 2], attn=[], num_res_blocks=1, dropout=0.0)  # T = 100 diffusion steps
 
 
 def loop_spikes(x, theta, kind):
@@ -193,7 +193,7 @@ def random_unet(bit, size=16, seed=0):
 
     Shared between tests (built once): convert or deep-copy it, never change it."""
     torch.manual_seed(seed)
-    ann = UNet(bit=bit, **SMALL)
+    ann = unet(100, bit=bit, **SMALL)
     for module in ann.modules():
         if isinstance(module, nn.Conv2d) and module.weight.abs().max() < 1e-3:
             init.xavier_uniform_(module.weight)
@@ -281,7 +281,7 @@ def test_every_neuron_and_norm_converts(neuron, norm):
     assert norms and all(isinstance(m, CompensatedGroupNorm) == (norm == "compensated") for m in norms)
     state, ann_state = snn.state_dict(), ann.state_dict()
     assert list(state) == list(ann_state) and all(torch.equal(state[k], ann_state[k]) for k in state)
-    strict = SpikingUNet(neuron=neuron, norm=norm, **ann.config)
+    strict = SpikingUNet(ann.config, ann.T, neuron=neuron, norm=norm)
     strict.load_state_dict(ann_state)  # strict: the names are the ANN's
     x, t = inputs(1, 8, torch.float32)
     with torch.no_grad():

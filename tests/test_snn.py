@@ -9,12 +9,12 @@ from torch.nn import init
 
 from common.data import load_dataset
 from diffusion import GaussianDiffusion
-from model import UNet
+from helpers import unet
 from quant import QuantReLU
 from snn import IFNeuron, SpikingUNet, convert, fold, if_spikes, swap_activations, time_mean, unfold
 from snn.stats import ENERGY_PER_AC_PJ, ENERGY_PER_MAC_PJ, SpikeMonitor
 
-SMALL = dict(T=100, ch=32, ch_mult=[1, 2], attn=[], num_res_blocks=1, dropout=0.0)
+SMALL = dict(ch=32, ch_mult=[1, 2], attn=[], num_res_blocks=1, dropout=0.0)  # T = 100 diffusion steps
 
 
 def integer_level(x, alpha, levels):
@@ -124,7 +124,7 @@ def small_unet(bit=2, wbit=32, seed=0):
     """A small quantized UNet whose output depends on its input (no near-zero last layers),
     with thresholds calibrated to the 99th percentile of each activation's input."""
     torch.manual_seed(seed)
-    ann = UNet(bit=bit, wbit=wbit, **SMALL)
+    ann = unet(100, bit=bit, wbit=wbit, **SMALL)
     for module in ann.modules():
         if isinstance(module, nn.Conv2d) and module.weight.abs().max() < 1e-3:
             init.xavier_uniform_(module.weight)
@@ -179,8 +179,8 @@ def trained():
     """A small 2-bit UNet trained for a few dozen steps on the shapes data, and noisy inputs
     (x_t, t) with t spread over the diffusion range."""
     torch.manual_seed(0)
-    ann = UNet(bit=2, **SMALL)
-    diffusion = GaussianDiffusion(1e-4, 0.02, SMALL["T"])
+    ann = unet(100, bit=2, **SMALL)
+    diffusion = GaussianDiffusion(1e-4, 0.02, 100)
     dataset = load_dataset("shapes", None, 16)
     x_0 = torch.stack([dataset[i][0] for i in range(48)])
     optim = torch.optim.Adam(ann.parameters(), lr=2e-3)
@@ -190,7 +190,7 @@ def trained():
         optim.zero_grad()
         loss.backward()
         optim.step()
-    t = torch.linspace(0, SMALL["T"] - 1, 16).long()
+    t = torch.linspace(0, 100 - 1, 16).long()
     x_t = diffusion.q_sample(x_0[32:], t, torch.randn(16, 3, 16, 16, generator=g))
     return ann.eval(), x_t, t
 
@@ -225,9 +225,9 @@ def test_apot_weights_convert_with_the_same_weights():
 
 def test_convert_refuses_what_has_no_spiking_equivalent():
     with pytest.raises(ValueError, match="attention"):
-        convert(UNet(T=10, ch=32, ch_mult=[1], attn=[0], num_res_blocks=1, dropout=0.0, bit=32))
+        convert(unet(10, ch=32, ch_mult=[1], attn=[0], num_res_blocks=1, dropout=0.0, bit=32))
     with pytest.raises(ValueError, match="full-precision"):
-        convert(UNet(T=10, ch=32, ch_mult=[1], attn=[], num_res_blocks=1, dropout=0.0, bit=32))
+        convert(unet(10, ch=32, ch_mult=[1], attn=[], num_res_blocks=1, dropout=0.0, bit=32))
     with pytest.raises(TypeError, match="UNet"):
         convert(TinyNet(2))
 

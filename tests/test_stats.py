@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from model import UNet
+from helpers import unet
 from snn import IFNeuron, convert, fold, time_mean
 from snn.stats import SpikeMonitor, fan_out
 
@@ -93,7 +93,7 @@ def test_graded_unet_counts_events_of_spike_inputs():
     """A graded 2-bit SNN: every spike-fed layer costs sum |s| * fan_out ACs, s = input / theta,
     counted here with hooks of the test's own; graded spikes of 2 and 3 and negative ones occur."""
     torch.manual_seed(0)
-    ann = UNet(T=100, ch=32, ch_mult=[1], attn=[], num_res_blocks=1, dropout=0.0, bit=2, alpha_init=0.5)
+    ann = unet(100, ch=32, ch_mult=[1], attn=[], num_res_blocks=1, dropout=0.0, bit=2, alpha_init=0.5)
     snn = convert(ann.eval(), "graded", "compensated")
     thetas, events = {}, {}
     for m in snn.modules():

@@ -1,0 +1,123 @@
+"""Every bad input a user can type, through the real command line of each script.
+
+Each case runs a script with the demo flagfile of its stage (as a user would) in its own copy of
+a run folder that already holds a checkpoint, and must end with one line on stderr, no
+traceback, a non-zero exit, and nothing in the folder changed. The processes run side by side:
+most of each is the interpreter starting.
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.helpers import ROOT
+
+FLAGFILES = {"ANN_train.py": "config/train_ANN/demo.txt", "SNN_conversion.py": "config/SNN_convert/demo.txt",
+             "SNN_ft.py": "config/SNN_ft/demo.txt", "evaluate.py": "config/SNN_evaluate/demo.txt",
+             "compute_fid_stats.py": None}
+
+# (script, arguments with {run} = the run folder and {file} = a regular file, words the error line holds)
+CASES = {
+    "T=0": ("ANN_train.py", ["--T=0"], ["--T=0", "at least 2"]),
+    "batch_size=0": ("ANN_train.py", ["--batch_size=0"], ["--batch_size=0", "at least 1"]),
+    "lr=-1": ("ANN_train.py", ["--lr=-1"], ["--lr=-1", "positive"]),
+    "img_size=7": ("ANN_train.py", ["--img_size=7"], ["img_size=7", "multiple of 2**(levels - 1)"]),
+    "img_size=0": ("ANN_train.py", ["--img_size=0"], ["img_size=0", "multiple"]),
+    "save_step=0": ("ANN_train.py", ["--save_step=0"], ["--save_step=0"]),
+    "log_step=0": ("ANN_train.py", ["--log_step=0"], ["--log_step=0"]),
+    "sample_size=0": ("ANN_train.py", ["--sample_size=0"], ["--sample_size=0"]),
+    "logdir under a file": ("ANN_train.py", ["--logdir={file}/run"], ["--logdir", "regular file"]),
+    "decreasing betas": ("ANN_train.py", ["--beta_1=0.1", "--beta_T=0.01"], ["beta_1=0.1", "beta_T=0.01", "<="]),
+    "beta_T=1.5": ("ANN_train.py", ["--beta_T=1.5"], ["beta_T=1.5", "< 1"]),
+    "ddim with 0 steps": ("ANN_train.py", ["--sampler=ddim", "--sample_steps=0"], ["--sample_steps=0"]),
+    "more steps than T": ("ANN_train.py", ["--sample_steps=5000"], ["--sample_steps=5000", "1..1000"]),
+    "ema_decay=2": ("ANN_train.py", ["--ema_decay=2"], ["--ema_decay=2", "[0, 1]"]),
+    "total_steps=0": ("ANN_train.py", ["--total_steps=0"], ["--total_steps=0"]),
+    "init and resume": ("ANN_train.py", ["--init={run}/ckpt.pt"], ["--init", "already exists"]),
+    "contradicting --ch": ("ANN_train.py", ["--ch=64"], ["--ch=64", "contradicts", "ch=32"]),
+    "missing flagfile": ("ANN_train.py", ["--flagfile=missing.txt"], ["missing.txt"]),
+    "unknown flag": ("ANN_train.py", ["--no_such_flag=1"], ["no_such_flag"]),
+    "bit=9": ("ANN_train.py", ["--bit=9"], ["--bit"]),
+    "ch=48": ("ANN_train.py", ["--ch=48"], ["--ch", "multiple of 32"]),
+    "stats out under a file": ("compute_fid_stats.py", ["--dataset=shapes", "--out={file}/s.npz"], ["--out"]),
+    "conversion val_size=0": ("SNN_conversion.py", ["--val_size=0"], ["--val_size=0"]),
+    "conversion sample_size=0": ("SNN_conversion.py", ["--sample_size=0"], ["--sample_size=0"]),
+    "conversion steps > T": ("SNN_conversion.py", ["--sample_steps=5000"], ["--sample_steps=5000", "T=1000"]),
+    "sign against neuron": ("SNN_conversion.py", ["--sign", "--neuron=graded"], ["--sign", "--neuron=graded"]),
+    "old --error_size": ("SNN_conversion.py", ["--error_size=0"], ["error_size"]),
+    "ft val_size=0": ("SNN_ft.py", ["--val_size=0"], ["--val_size=0"]),
+    "ft lr=0": ("SNN_ft.py", ["--lr=0"], ["--lr=0", "positive"]),
+    "ft steps > T": ("SNN_ft.py", ["--sample_steps=5000"], ["--sample_steps=5000"]),
+    "eval logdir under a file": ("evaluate.py", ["--logdir={file}/x"], ["--logdir", "regular file"]),
+    "eval save_images under a file": ("evaluate.py", ["--save_images={file}/png"], ["--save_images"]),
+    "eval ddim with 0 steps": ("evaluate.py", ["--sample_steps=0"], ["--sample_steps=0"]),
+    "eval missing model": ("evaluate.py", ["--eval_model_path={run}/none.pt"], ["no checkpoint at", "none.pt"]),
+    "eval statistics without mu": ("evaluate.py", ["--fid=require", "--fid_cache={run}/bad.npz"],
+                                   ["bad.npz", "mu"]),
+}
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """A run folder with a 1-step checkpoint of the demo model and a statistics file lacking mu/sigma."""
+    folder = tmp_path_factory.mktemp("template")
+    cmd = [sys.executable, "ANN_train.py", "--flagfile=config/train_ANN/demo.txt", f"--logdir={folder}",
+           "--total_steps=1", "--save_step=1", "--sample_step=0"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    np.savez(folder / "bad.npz", mean=np.zeros(3))
+    return folder
+
+
+def snapshot(folder):
+    """{relative path: bytes} of every file under ``folder``."""
+    files = {}
+    for base, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(base, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, folder)] = f.read()
+    return files
+
+
+@pytest.fixture(scope="module")
+def outcomes(template, tmp_path_factory):
+    """{case: (returncode, stderr, files before, files after)}, six processes at a time."""
+    results, running = {}, []
+    for case, (script, args, _) in CASES.items():
+        run = tmp_path_factory.mktemp("case")
+        shutil.copytree(template, run, dirs_exist_ok=True)
+        blocker = tmp_path_factory.mktemp("file") / "a_file"
+        blocker.write_text("not a folder")
+        flagfile = [f"--flagfile={FLAGFILES[script]}"] if FLAGFILES[script] else []
+        own = script == "compute_fid_stats.py" or any(a.startswith("--logdir") for a in args)
+        logdir = [] if own else [f"--logdir={run}"]
+        model = [f"--eval_model_path={run}/ckpt.pt"] if script == "evaluate.py" else []
+        given = [a.format(run=run, file=blocker) for a in args]
+        cmd = [sys.executable, script, *flagfile, *logdir, *model, *given]
+        before = snapshot(run)
+        running.append((case, run, before, subprocess.Popen(
+            cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)))
+        if len(running) == 6 or case == list(CASES)[-1]:
+            for name, folder, files, proc in running:
+                _, stderr = proc.communicate(timeout=300)
+                results[name] = (proc.returncode, stderr, files, snapshot(folder))
+            running = []
+    return results
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_and_changes_nothing(outcomes, case):
+    returncode, stderr, before, after = outcomes[case]
+    assert returncode != 0, stderr
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for word in CASES[case][2]:
+        assert word in lines[0], (word, lines[0])
+    assert after == before, "an earlier checkpoint or output changed"
