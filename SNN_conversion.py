@@ -19,7 +19,7 @@ from common import flags as cflags
 from common.atomic import remove_stale_temporaries, write_json
 from common.errors import UserError, run
 from common.images import save_grid, side_by_side
-from common.models import build_sampler
+from common.models import build_sampler, build_unet
 from common.progress import progress
 from snn import agreement
 from snn.io import load_training_ann, save_snn, to_snn
@@ -78,6 +78,19 @@ def noise_errors(ann, snn, x_t, t):
             monitor.summary())
 
 
+@torch.no_grad()
+def float64_errors(ann, cfg, snn_cfg, x_t, t):
+    """(ANN float32 vs float64, SNN float64 vs ANN float64): where float32 rounding alone puts a
+    quantized network (the floor no float32 SNN can beat), and how close the conversion is."""
+    ann64 = build_unet(cfg).to(x_t.device).double().eval()
+    ann64.load_state_dict(ann.state_dict())
+    x64 = x_t.double()
+    ref = agreement.predictions(ann64, x64, t)
+    snn64 = to_snn(ann64, snn_cfg)
+    return (agreement.relative_error(agreement.predictions(ann, x_t, t), ref),
+            agreement.relative_error(agreement.predictions(snn64, x64, t), ref))
+
+
 def convert_and_measure(logdir, device):
     """Convert, save, sample and measure; returns the conversion.json record."""
     start, ckpt_path = time.time(), os.path.join(logdir, "ckpt.pt")
@@ -98,10 +111,12 @@ def convert_and_measure(logdir, device):
     save_grid(side_by_side(ann_x, snn_x), os.path.join(folder, "ann_vs_snn.png"), nrow=1)
     (x_t, t), held_out = error_batch(cfg, device, ann_x)
     error, by_t, stats = noise_errors(ann_run, snn_run, x_t, t)
+    ann_floor, error64 = float64_errors(ann, cfg, snn_cfg, x_t, t)
     return {
         "bit": cfg.unet.bit, "time_steps": snn.time_steps, **configs.to_dict(snn_cfg),
         "source": os.path.abspath(ckpt_path), "step": ckpt.get("step"), "snn_checkpoint": os.path.abspath(snn_path),
-        "noise_relative_error": error, "noise_relative_error_by_t": by_t, "val_size": FLAGS.val_size,
+        "noise_relative_error": error, "noise_relative_error_by_t": by_t, "ann_float32_vs_float64": ann_floor,
+        "noise_relative_error_float64": error64, "val_size": FLAGS.val_size,
         "val_images": "held-out" if held_out else "ANN samples",
         "sample_relative_error": agreement.relative_error(snn_x, ann_x), **configs.to_dict(sampler_cfg),
         "network_calls": build_sampler(cfg, sampler_cfg)[1].network_calls, "sample_size": FLAGS.sample_size,
@@ -118,7 +133,8 @@ def main(argv):
         result = convert_and_measure(logdir, rt.device)
         write_json(result, os.path.join(logdir, "conversion.json"))
         stats = result["spike_stats"]
-        print(f"noise prediction relative error {result['noise_relative_error']:.4f}, "
+        print(f"noise prediction relative error {result['noise_relative_error']:.4f} (the ANN's own float32 vs "
+              f"float64: {result['ann_float32_vs_float64']:.4f}; float64 SNN: {result['noise_relative_error_float64']:.2e}), "
               f"firing rate {stats['firing_rate']:.4f}, energy per sample "
               f"{stats['energy_pJ_per_sample'] / 1e6:.2f} uJ (SNN) vs "
               f"{stats['ann_energy_pJ_per_sample'] / 1e6:.2f} uJ (ANN) -> {os.path.join(logdir, 'conversion.json')}")

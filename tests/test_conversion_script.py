@@ -103,3 +103,17 @@ def test_user_errors_are_one_line(error_runs, case):
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], stderr
     assert not (logdir / "converted_snn.pt").exists()
+
+
+def test_exact_mode_reports_the_float_floor(tmp_path):
+    """--neuron=graded --norm=compensated: the float64 SNN is the float64 ANN to rounding, and the
+    float32 error is reported beside the ANN's own float32-vs-float64 difference."""
+    write_ckpt(tmp_path)
+    proc = convert_script(f"--logdir={tmp_path}", "--neuron=graded", "--norm=compensated", *SMALL_RUN)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "conversion.json").read_text())
+    assert (report["neuron"], report["norm"]) == ("graded", "compensated")
+    assert report["noise_relative_error_float64"] < 1e-12
+    assert report["noise_relative_error"] <= 2 * report["ann_float32_vs_float64"] + 1e-5
+    assert torch.load(tmp_path / "converted_snn.pt", weights_only=False)["config"]["snn"] == \
+        {"neuron": "graded", "norm": "compensated"}
