@@ -213,9 +213,12 @@ class DDIMSampler(AncestralSampler):
 
 
 def make_sampler(diffusion, cfg):
-    """The sampler of a ``common.configs.SamplerConfig`` over ``diffusion``."""
+    """The sampler of a ``common.configs.SamplerConfig`` over ``diffusion``: ``ddpm`` and ``ddim``
+    are ours, every other name a diffusers scheduler (``schedulers.SchedulerSampler``, imported
+    only then). Raises ValueError for a sampler or setting that cannot run."""
     if cfg.sampler == "ddpm":
         return AncestralSampler(diffusion, cfg.clip_denoised)
     if cfg.sampler == "ddim":
         return DDIMSampler(diffusion, cfg.sample_steps, cfg.eta, cfg.clip_denoised)
-    raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {cfg.sampler!r}")
+    import schedulers
+    return schedulers.SchedulerSampler(diffusion, cfg.sampler, cfg.sample_steps, cfg.eta, cfg.clip_denoised)

@@ -101,12 +101,33 @@ def define_run_flags():
 
 
 def define_sampler_flags():
-    flags.DEFINE_enum("sampler", "ddpm", ["ddpm", "ddim"], help="ancestral T-step sampler (the seed's) or DDIM")
-    flags.DEFINE_integer("sample_steps", 100, help="network calls of DDIM (1 .. T)")
-    flags.DEFINE_float("eta", 0.0, help="DDIM eta in [0, 1] (0: deterministic, 1: the ancestral variance)")
+    flags.DEFINE_string("sampler", "ddpm",
+                        help="ddpm = ancestral sampling over all T steps (the seed's), ddim = our DDIM, "
+                             "dpm_solver++ = DPM-Solver++(2M), unipc = UniPC, euler = Euler (diffusers' schedulers), "
+                             "or diffusers:<ClassName> for any diffusers scheduler class, e.g. "
+                             "diffusers:DDIMScheduler or diffusers:HeunDiscreteScheduler (schedulers.py)")
+    flags.DEFINE_integer("sample_steps", 100, help="steps of every sampler but ddpm (1 .. T): the network calls of "
+                         "ddim and the fast diffusers samplers (Heun-type schedulers call twice per step)")
+    flags.DEFINE_float("eta", 0.0, help="DDIM eta in [0, 1] (0: deterministic, 1: the ancestral variance); "
+                       "ddim and diffusers schedulers whose step takes eta")
     flags.DEFINE_bool("clip_denoised", False, help="clip the predicted x_0 to [-1, 1] before the posterior mean; "
                       "off (the default, as pytorch-ddpm and the seed's published FIDs): only the final image "
                       "is clipped")
+
+    def known_sampler(name):
+        """ddpm, ddim, a named diffusers sampler or ``diffusers:<ClassName>`` of a scheduler class
+        that exists (only such a name imports diffusers: a few seconds)."""
+        if name in ("ddpm", "ddim"):
+            return True
+        import schedulers
+        if name not in schedulers.NAMED:
+            try:
+                schedulers.scheduler_class(name)
+            except ValueError as err:
+                raise flags.ValidationError(str(err)) from None
+        return True
+
+    flags.register_validator("sampler", known_sampler)
     _positive("sample_steps")
     _in_range("eta", 0.0, 1.0, "in [0, 1]")
 

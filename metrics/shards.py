@@ -8,6 +8,7 @@ shards it finds and its output is identical to an uninterrupted run's. Under tor
 ``i`` belongs to rank ``i % world_size``.
 """
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,9 +31,10 @@ class ShardPlan:
 def shard_folder(logdir, model_path, sampler_cfg, network_calls, seed, shard_size):
     """``<logdir>/eval_<model>_<sampler><calls>[_eta<eta>][_clip]_seed<seed>_b<shard_size>_<digest>``."""
     stem = os.path.splitext(os.path.basename(model_path))[0]
-    eta = f"_eta{sampler_cfg.eta:g}" if sampler_cfg.sampler == "ddim" else ""
+    name = re.sub(r"[^A-Za-z0-9]+", "", sampler_cfg.sampler.replace("+", "p"))  # dpm_solver++ -> dpmsolverpp
+    eta = f"_eta{sampler_cfg.eta:g}" if sampler_cfg.sampler != "ddpm" else ""
     clip = "_clip" if sampler_cfg.clip_denoised else ""
-    tag = f"{stem}_{sampler_cfg.sampler}{network_calls}{eta}{clip}_seed{seed}_b{shard_size}_{file_digest(model_path, 10)}"
+    tag = f"{stem}_{name}{network_calls}{eta}{clip}_seed{seed}_b{shard_size}_{file_digest(model_path, 10)}"
     return os.path.join(logdir, f"eval_{tag}")
 
 

@@ -226,4 +226,4 @@ def test_make_sampler_network_calls():
     assert make_sampler(d, SamplerConfig("ddpm")).network_calls == T
     assert make_sampler(d, SamplerConfig("ddim", 20)).network_calls == 20
     with pytest.raises(ValueError):
-        make_sampler(d, SamplerConfig("euler"))
+        make_sampler(d, SamplerConfig("nonsense"))
