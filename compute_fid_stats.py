@@ -1,26 +1,28 @@
-"""Reference statistics for FID: mu and sigma of the Inception pool3 features of a training set.
+"""Reference statistics for FID: mu and sigma of a feature network's features of the training images.
 
     python compute_fid_stats.py --dataset=cifar10 --data_dir=./data --out=stats/cifar10.train.npz
-    python compute_fid_stats.py --dataset=shapes --out=stats/shapes.train.npz
+    python compute_fid_stats.py --dataset=shapes --img_size=16          # the shapes network's
 
-Every training image, no flip, through pytorch-gan-metrics' Inception network; the file has the
-library's format (``mu`` [2048], ``sigma`` [2048, 2048]) and is written atomically.
+Every training image, unflipped, through the feature network (``--features``: pytorch-gan-metrics'
+Inception, or the shapes network for the embedded data, ``docs/metrics.md``). The file has the
+library's format (``mu``, ``sigma``) plus the network's name (``features``), and is written
+atomically; its path is checked before any feature is computed.
 """
-import numpy as np
-import torch
 from absl import flags
-from torch.utils.data import DataLoader
 
 from common import data, runtime
 from common import flags as cflags
 from common.errors import UserError, run
 from common.progress import progress
-from metrics import inception
+from metrics import scores
 
 cflags.define_data_flags()
 flags.DEFINE_integer("img_size", 32, help="image size (the size the evaluated model generates)")
-flags.DEFINE_string("out", None, help="output .npz (default: stats/<dataset>.train.npz)")
-flags.DEFINE_integer("batch_size", 50, help="batch size of the Inception network")
+flags.DEFINE_enum("features", "auto", list(scores.FEATURES),
+                  help="feature network: inception (pytorch-gan-metrics), shapes (the project's network for the "
+                       "shapes data) or auto (shapes for --dataset=shapes, else inception)")
+flags.DEFINE_string("out", None, help="output .npz (default: where evaluate.py looks for it, under stats/)")
+flags.DEFINE_integer("batch_size", 50, help="batch size of the feature network")
 flags.DEFINE_integer("num_images", 0, help="use only the first N training images (0: all)")
 flags.register_validator("img_size", lambda v: v >= 4, message="--img_size must be at least 4")
 flags.register_validator("batch_size", lambda v: v >= 1, message="--batch_size must be at least 1")
@@ -29,29 +31,19 @@ cflags.register_file_validator("out")
 FLAGS = flags.FLAGS
 
 
-def dataset_features(net, dataset, device, batch_size, num_workers):
-    """Pool3 features [N, 2048] of a dataset of (image [3, H, W] in [-1, 1], label)."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    feats = []
-    for x, _ in progress(loader, desc="inception", unit="batch"):
-        f, _ = inception.inception_outputs(net, (x + 1) / 2, device, batch_size)
-        feats.append(f)
-    return np.concatenate(feats)
-
-
 def main(argv):
     rt = runtime.setup(0)
-    out = FLAGS.out or f"stats/{FLAGS.dataset}.train.npz"
+    kind = scores.feature_kind(FLAGS.features, FLAGS.dataset)
+    out = FLAGS.out or scores.default_stats_path(kind, FLAGS.dataset, FLAGS.img_size)
     if not cflags.creatable(out, folder=False):  # before hours of features, not after
         raise UserError(f"cannot write {out}: a regular file is in the way of its folder, or it is a folder")
-    net = inception.load_inception(rt.device)  # before the dataset: fail fast offline
+    net = scores.load_features(kind, FLAGS.img_size, rt.device, FLAGS.batch_size)  # fails fast offline
     dataset = data.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.img_size, train=True)
-    if FLAGS.num_images > 0:
-        dataset = torch.utils.data.Subset(dataset, range(min(FLAGS.num_images, len(dataset))))
-    feats = dataset_features(net, dataset, rt.device, FLAGS.batch_size, FLAGS.num_workers)
-    mu, sigma = inception.feature_statistics(feats)
-    inception.save_stats(out, mu, sigma)
-    print(f"{len(feats)} {FLAGS.dataset} training images -> {out} (mu {mu.shape}, sigma {sigma.shape})")
+    mu, sigma = scores.dataset_statistics(net, dataset, FLAGS.num_images, FLAGS.batch_size,
+                                          lambda it: progress(it, desc=kind, unit="batch"))
+    scores.save_stats(out, mu, sigma, net.name)
+    print(f"{FLAGS.num_images or len(dataset)} {FLAGS.dataset} training images, {net.name} features -> {out} "
+          f"(mu {mu.shape}, sigma {sigma.shape})")
 
 
 if __name__ == "__main__":

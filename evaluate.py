@@ -21,14 +21,14 @@ import torch
 from absl import flags
 from PIL import Image
 
-from common import configs, runtime
+from common import configs, data, runtime
 from common import flags as cflags
 from common.atomic import remove_stale_temporaries
 from common.errors import UserError, run
 from common.images import save_grid
 from common.models import build_sampler
 from common.progress import progress
-from metrics import inception, shards
+from metrics import scores, shards
 from metrics.report import append_jsonl, psnr
 from snn.io import Loaded, load_model
 from snn.stats import SpikeMonitor
@@ -45,11 +45,16 @@ flags.DEFINE_integer("num_images", 50000, help="images generated for IS / FID")
 flags.DEFINE_integer("batch_size", 128, help="images per sampler call; also the size of a shard")
 # Metrics
 flags.DEFINE_enum("fid", "auto", ["auto", "require", "skip"],
-                  help="FID and IS: auto = compute when the Inception weights and --fid_cache are there, "
+                  help="FID and IS: auto = compute when the feature network and the statistics are there, "
                        "else skip with the reason; require = fail before sampling when they are not; skip")
-flags.DEFINE_string("fid_cache", "stats/cifar10.train.npz", help="reference statistics (.npz with mu, sigma)")
+flags.DEFINE_enum("features", "auto", list(scores.FEATURES),
+                  help="feature network of the scores: inception (pytorch-gan-metrics: CIFAR-10, comparable with "
+                       "papers), shapes (the project's network for the shapes data: FID, IS over its 6 classes and "
+                       "recognisability) or auto (shapes for the shapes data, else inception)")
+flags.DEFINE_string("fid_cache", None, help="reference statistics (.npz with mu, sigma); default: "
+                    "stats/cifar10.train.npz for CIFAR-10, the shapes network's file (made on first use) for shapes")
 flags.DEFINE_integer("is_splits", 10, help="splits of the Inception Score")
-flags.DEFINE_integer("inception_batch", 50, help="batch size of the Inception network")
+flags.DEFINE_integer("inception_batch", 50, help="batch size of the feature network")
 flags.DEFINE_integer("probe_images", 8, help="images sampled once more with the spike monitor on, for the energy "
                      "per image and (ANN at hand) the SNN-ANN PSNR from the same noise (0: neither)")
 # Outputs
@@ -64,27 +69,36 @@ cflags.register_folder_validator("save_images")
 FLAGS = flags.FLAGS
 
 
-def prepare_metrics(device, dataset):
-    """(Inception network or None, reason FID/IS are skipped or None), checked before sampling."""
+def reference_statistics(net, kind, cfg):
+    """(mu, sigma) of ``--fid_cache`` (default: where compute_fid_stats.py writes them); for the
+    shapes network they are computed on first use (seconds), for Inception they must be there."""
+    dataset, size = cfg.data.dataset, cfg.data.img_size
+    path = FLAGS.fid_cache or scores.default_stats_path(kind, dataset, size)
+    command = scores.stats_command(dataset, size, kind, path)
+    if kind == "shapes" and not FLAGS.fid_cache and not os.path.exists(path):
+        print(f"computing the statistics of the {dataset} training images in {net.name} features -> {path}")
+        held = data.load_dataset(dataset, None, size, train=True)
+        scores.save_stats(path, *scores.dataset_statistics(net, held), net.name)
+    return scores.load_stats(path, net, command), path
+
+
+def prepare_metrics(cfg, device):
+    """(feature network, reference statistics, path, reason the scores are skipped), all checked
+    before sampling: ``--fid=require`` stops here with what is missing."""
     if FLAGS.fid == "skip":
-        return None, "--fid=skip"
+        return None, None, None, "--fid=skip"
     if FLAGS.num_images < FLAGS.is_splits:
         raise UserError(f"--num_images={FLAGS.num_images} is fewer than --is_splits={FLAGS.is_splits}: "
                         "the Inception Score needs at least one image per split (or give --fid=skip)")
-    net, reasons = None, []
+    kind = scores.feature_kind(FLAGS.features, cfg.data.dataset)
     try:
-        inception.load_stats(FLAGS.fid_cache, dataset)
+        net = scores.load_features(kind, cfg.data.img_size, device, FLAGS.inception_batch)
+        stats, path = reference_statistics(net, kind, cfg)
+        return net, stats, path, None
     except UserError as err:
-        reasons.append(str(err))
-    try:
-        net = inception.load_inception(device)
-    except UserError as err:
-        reasons.append(str(err))
-    if not reasons:
-        return net, None
-    if FLAGS.fid == "require":
-        raise UserError("; ".join(reasons))
-    return None, "; ".join(reasons)
+        if FLAGS.fid == "require":
+            raise
+        return None, None, None, str(err)
 
 
 @dataclass
@@ -169,7 +183,7 @@ class Evaluation:
                 "sample_steps": self.sampler.network_calls,
                 "eta": self.sampler_cfg.eta if self.sampler_cfg.sampler == "ddim" else None,
                 "clip_denoised": self.sampler_cfg.clip_denoised, "num_images": FLAGS.num_images,
-                "seed": FLAGS.seed, "fid_cache": FLAGS.fid_cache, "shards": self.plan.folder}
+                "seed": FLAGS.seed, "shards": self.plan.folder}
 
 
 def find_ann(model_path, ckpt, logdir):
@@ -191,19 +205,20 @@ def write_images(images, folder):
         Image.fromarray(img).save(os.path.join(folder, f"{i:05d}.png"))
 
 
-def score(images, net, skipped, device):
-    """IS / FID fields of a snn_eval.txt line (null with the reason when skipped)."""
+def score(images, metrics):
+    """The score fields of a snn_eval.txt line (null with the reason when skipped)."""
+    net, stats, path, skipped = metrics
     if net is None:
-        return {"IS": None, "IS_std": None, "FID": None, "warning": None, "metrics_skipped": skipped}
-    result = inception.evaluate_images(net, images, FLAGS.fid_cache, device, FLAGS.is_splits,
-                                       FLAGS.inception_batch)
-    return {**result, "metrics_skipped": None}
+        return {"features": None, "fid_cache": None, "FID": None, "IS": None, "IS_std": None,
+                "recognisability": None, "warning": None, "metrics_skipped": skipped}
+    return {**scores.evaluate_images(net, images, stats, FLAGS.is_splits), "fid_cache": path,
+            "metrics_skipped": None}
 
 
-def finish(ev, net, skipped):
+def finish(ev, metrics):
     """Rank 0: gather the images, compute everything, save the grid and return the record."""
     images = shards.gather_images(ev.plan.folder, FLAGS.num_images, ev.plan.shard_size)
-    record = {**ev.describe(), **score(images, net, skipped, ev.rt.device)}
+    record = {**ev.describe(), **score(images, metrics)}
     with torch.inference_mode():
         record.update(ev.probe())
     if FLAGS.pic_or_not:
@@ -219,7 +234,9 @@ def report(record, path):
     if record["metrics_skipped"]:
         print(f"FID/IS skipped: {record['metrics_skipped']}")
     else:
-        print(f"IS {record['IS']:.4f} +- {record['IS_std']:.4f}   FID {record['FID']:.4f}")
+        recognised = "" if record["recognisability"] is None else f"   recognisability {record['recognisability']:.3f}"
+        print(f"{record['features']}: IS {record['IS']:.4f} +- {record['IS_std']:.4f}   FID {record['FID']:.4f}"
+              f"{recognised}")
         if record["warning"]:
             print(f"warning: {record['warning']}")
     print(json.dumps(record))
@@ -242,8 +259,7 @@ def setup(rt):
 def main(argv):
     rt = runtime.setup(FLAGS.seed)
     ev = setup(rt)
-    dataset = ev.loaded.config.data.dataset
-    net, skipped = prepare_metrics(rt.device, dataset) if rt.is_main else (None, None)
+    metrics = prepare_metrics(ev.loaded.config, rt.device) if rt.is_main else None
     if rt.is_main:
         for folder in (ev.logdir, ev.plan.folder, os.path.join(ev.logdir, "images")):
             remove_stale_temporaries(folder)
@@ -252,7 +268,7 @@ def main(argv):
         made, reused = ev.generate()
     runtime.barrier(rt)  # every rank's shards are on disk
     if rt.is_main:
-        record = finish(ev, net, skipped)
+        record = finish(ev, metrics)
         record.update({"shards_made": made, "shards_reused": reused, "world_size": rt.world_size,  # rank 0's
                        "wall_s": round(time.time() - start, 1),
                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})

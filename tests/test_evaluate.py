@@ -15,15 +15,15 @@ from common.checkpoint import save_atomic
 from common.errors import UserError
 from common.models import build_unet
 from helpers import assert_one_line_error, run_script
-from metrics import inception, shards
+from metrics import inception, scores, shards
 from snn.convert import convert
 from snn.io import save_snn
 from test_metrics import inception_home, offline, torch_home  # noqa: F401 (fixtures)
 
 TINY = configs.ModelConfig(configs.UNetConfig(ch=32, ch_mult=(1,), attn=(), num_res_blocks=1, dropout=0.0, bit=2),
                            configs.DiffusionConfig(T=20), configs.DataConfig("shapes", 8))
-FIELDS = ("IS", "IS_std", "FID", "warning", "metrics_skipped", "model_path", "kind", "bit", "time_steps", "neuron",
-          "norm", "sampler", "sample_steps", "eta", "clip_denoised", "num_images", "seed", "fid_cache", "shards",
+FIELDS = ("IS", "IS_std", "FID", "recognisability", "features", "warning", "metrics_skipped", "model_path", "kind",
+          "bit", "time_steps", "neuron", "norm", "sampler", "sample_steps", "eta", "clip_denoised", "num_images", "seed", "fid_cache", "shards",
           "wall_s", "time",
           "energy_pJ_per_image", "ann_energy_pJ_per_image", "firing_rate", "psnr_snn_vs_ann_dB", "ann_path",
           "shards_made", "shards_reused", "world_size")
@@ -42,7 +42,7 @@ def run_dir(tmp_path_factory):
     save_atomic({"net_model": state, "ema_model": state, "config": TINY.to_dict(), "step": 0}, str(folder / "ckpt.pt"))
     save_snn(str(folder / "converted_snn.pt"), convert(ann, "if"), TINY, configs.SNNConfig("if"))
     feats = np.random.default_rng(0).normal(size=(30, 2048))
-    inception.save_stats(str(folder / "stats.npz"), *inception.feature_statistics(feats))
+    scores.save_stats(str(folder / "stats.npz"), *scores.feature_statistics(feats), scores.INCEPTION_NAME)
     return folder
 
 
@@ -58,7 +58,7 @@ def evaluate_run(*args):
 def snn_args(run_dir, logdir, *extra):
     return [f"--eval_model_path={run_dir / 'converted_snn.pt'}", f"--logdir={logdir}", "--sampler=ddim",
             "--sample_steps=2", "--num_images=10", "--batch_size=4", "--is_splits=2", "--inception_batch=10",
-            f"--fid_cache={run_dir / 'stats.npz'}", "--probe_images=4", *extra]
+            f"--fid_cache={run_dir / 'stats.npz'}", "--features=inception", "--probe_images=4", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,7 @@ def test_record_has_every_field(first_run, run_dir):
     assert math.isfinite(record["FID"]) and record["FID"] > 0
     assert 1 - 1e-9 <= record["IS"] <= 5  # 5 images per split bound the score
     assert "2048" in record["warning"] and record["metrics_skipped"] is None
+    assert record["features"] == "inception_v3_pool3" and record["recognisability"] is None
     assert record["energy_pJ_per_image"] > 0 and record["ann_energy_pJ_per_image"] > 0
     assert record["ann_path"] == str(run_dir / "ckpt.pt") and record["psnr_snn_vs_ann_dB"] > 0
     assert (record["shards_made"], record["shards_reused"]) == (3, 0)

@@ -20,7 +20,7 @@ from torchvision.models import inception as tv_inception
 
 from common.data import draw_shape
 from common.errors import UserError
-from metrics import inception, shards
+from metrics import inception, scores, shards
 from metrics.report import append_jsonl, psnr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,11 +99,11 @@ def test_fid_against_own_statistics_is_zero_and_grows_with_noise(shape_features)
     net, clean, feats, probs = shape_features
     assert feats.shape == (16, 2048) and probs.shape == (16, 1008)
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
-    mu, sigma = inception.feature_statistics(feats[:8])
+    mu, sigma = scores.feature_statistics(feats[:8])
     scale = np.trace(sigma)
     assert scale > 0
-    assert abs(inception.fid_from_features(feats[:8], mu, sigma)) < 1e-6 * scale
-    assert inception.fid_from_features(feats[8:], mu, sigma) > 0.05 * scale
+    assert abs(scores.fid_from_features(feats[:8], mu, sigma)) < 1e-6 * scale
+    assert scores.fid_from_features(feats[8:], mu, sigma) > 0.05 * scale
     # the float path (what compute_fid_stats feeds) gives the features of the uint8 path
     again, _ = inception.inception_outputs(net, torch.from_numpy(clean[:2]).permute(0, 3, 1, 2) / 255.0, "cpu")
     np.testing.assert_allclose(again, feats[:2], rtol=1e-4, atol=1e-5)
@@ -117,22 +117,22 @@ def test_low_rank_fid_equals_the_library_formula():
     for n in (5, 20, dim):
         x = rng.normal(size=(n, dim))
         expected = calculate_frechet_distance(x.mean(0), np.cov(x, rowvar=False), mu, sigma)
-        assert inception.low_rank_frechet_distance(x, mu, sigma) == pytest.approx(expected, rel=1e-6)
+        assert scores.low_rank_frechet_distance(x, mu, sigma) == pytest.approx(expected, rel=1e-6)
 
 
 def test_inception_score_closed_forms():
     uniform = np.full((20, 1008), 1 / 1008)
-    score, std = inception.inception_score(uniform, splits=2)
+    score, std = scores.inception_score(uniform, splits=2)
     assert score == pytest.approx(1.0) and std == pytest.approx(0.0, abs=1e-12)
     # 4 images per split, each sure of a different class: IS = exp(log 4) = 4
     sure = np.full((8, 1008), 1e-9)
     sure[np.arange(8), np.arange(8) % 4] = 1 - 1007e-9
-    assert inception.inception_score(sure, splits=2)[0] == pytest.approx(4.0, rel=1e-5)
+    assert scores.inception_score(sure, splits=2)[0] == pytest.approx(4.0, rel=1e-5)
 
 
 def test_fewer_images_than_splits_is_a_clear_error():
     with pytest.raises(UserError, match="at least --is_splits=10 images, got 6"):
-        inception.inception_score(np.full((6, 1008), 1 / 1008), splits=10)
+        scores.inception_score(np.full((6, 1008), 1 / 1008), splits=10)
 
 
 def test_missing_weights_message_names_the_file(offline):
@@ -144,18 +144,34 @@ def test_missing_weights_message_names_the_file(offline):
 
 def test_missing_statistics_message_names_the_command(tmp_path):
     path = str(tmp_path / "cifar10.train.npz")
+    command = scores.stats_command("cifar10", 32, "inception", path)
     with pytest.raises(UserError, match="python compute_fid_stats.py --dataset=cifar10 .*--out=" + path):
-        inception.load_stats(path)
+        scores.load_stats(path, command=command)
+
+
+def test_statistics_of_another_network_are_refused(tmp_path):
+    path = str(tmp_path / "s.npz")
+    scores.save_stats(path, np.zeros(4), np.eye(4), "shapes_net_16px_0123456789")
+    other = scores.FeatureNet("shapes_net_16px_abcdefabcd", 4, None, True)
+    with pytest.raises(UserError, match="not of shapes_net_16px_abcdefabcd"):
+        scores.load_stats(path, other)
+    same = scores.FeatureNet("shapes_net_16px_0123456789", 4, None, True)
+    mu, sigma = scores.load_stats(path, same)
+    assert mu.shape == (4,) and np.array_equal(sigma, np.eye(4))
+    np.savez(path, mean=np.zeros(4))  # a file without mu and sigma
+    with pytest.raises(UserError, match="'mu' and 'sigma'"):
+        scores.load_stats(path, same)
 
 
 def test_stats_command_writes_statistics_that_load_back(torch_home, shape_features, tmp_path):
     out = str(tmp_path / "stats" / "shapes.train.npz")
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     proc = subprocess.run([sys.executable, "compute_fid_stats.py", "--dataset=shapes", "--num_images=4",
-                           "--batch_size=4", "--num_workers=0", f"--out={out}"],
+                           "--batch_size=4", "--features=inception", f"--out={out}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    mu, sigma = inception.load_stats(out)
+    net = scores.FeatureNet(scores.INCEPTION_NAME, inception.FID_DIM, None, False)
+    mu, sigma = scores.load_stats(out, net)
     assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
     np.testing.assert_allclose(sigma, sigma.T)
     feats = shape_features[2][:4]  # the first 4 training images of shapes, computed in this process
