@@ -73,13 +73,20 @@ class GaussianDiffusion(nn.Module):
                 + extract(self.sqrt_one_minus_alphas_bar, t, x_0.shape) * noise)
 
     def training_losses(self, model, x_0, generator=None):
-        """Per-element squared error of the noise prediction (eq. 14) for x_0 [B, C, H, W].
+        """Per-element squared error of the model's prediction for x_0 [B, C, H, W]: of the noise
+        (eq. 14) for ``mean_type=epsilon``, of x_0 for ``xstart``, of the posterior mean for ``xprev``
+        (pytorch-ddpm's trainer compares every mean type with the noise, which trains only epsilon).
 
         t ~ U{0, ..., T-1} and the noise are drawn from ``generator`` (on x_0's device).
         """
         t = torch.randint(self.T, size=(x_0.shape[0],), device=x_0.device, generator=generator)
         noise = randn(x_0.shape, x_0, generator)
-        return F.mse_loss(model(self.q_sample(x_0, t, noise), t), noise, reduction="none")
+        x_t = self.q_sample(x_0, t, noise)
+        if self.mean_type == "epsilon":
+            target = noise
+        else:
+            target = x_0 if self.mean_type == "xstart" else self.q_mean_variance(x_0, x_t, t)[0]
+        return F.mse_loss(model(x_t, t), target, reduction="none")
 
     # reverse process --------------------------------------------------------------------------
 

@@ -67,12 +67,18 @@ def test_q_sample_closed_form():
     assert torch.allclose(diffusion.q_sample(x0, t, noise), expected, atol=1e-6)
 
 
-def test_training_loss_is_zero_for_the_oracle_and_draws_from_the_generator():
+@pytest.mark.parametrize("mean_type", ["epsilon", "xstart", "xprev"])
+def test_training_loss_is_zero_for_the_oracle_and_draws_from_the_generator(mean_type):
+    """The target is what the model predicts: the noise, x_0 or the posterior mean."""
     x0 = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    diffusion = GaussianDiffusion(B1, BT, T)
-    loss = diffusion.training_losses(Oracle(x0, "epsilon"), x0.expand(64, -1, -1, -1), torch.Generator().manual_seed(1))
-    # float32 cancellation near t = 0 (sqrt(1 - alpha_bar) = 0.01) leaves ~1e-7; a wrong model scores ~1
+    diffusion = GaussianDiffusion(B1, BT, T, mean_type)
+    batch = x0.expand(64, -1, -1, -1)
+    loss = diffusion.training_losses(Oracle(x0, mean_type), batch, torch.Generator().manual_seed(1))
+    # float32 cancellation near t = 0 (sqrt(1 - alpha_bar) = 0.01) leaves ~1e-7; a wrong model scores ~1e-2..1
     assert loss.shape == (64, 3, 8, 8) and loss.max() < 1e-5
+    others = [m for m in ("epsilon", "xstart", "xprev") if m != mean_type]
+    for other in others:
+        assert diffusion.training_losses(Oracle(x0, other), batch, torch.Generator().manual_seed(1)).mean() > 1e-3
     seen = []
 
     def model(x_t, t):
