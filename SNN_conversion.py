@@ -99,7 +99,7 @@ def convert_and_measure(logdir, device):
     sampler_cfg, snn_cfg = cflags.sampler_config(cfg.diffusion.T), cflags.snn_config()
     build_sampler(cfg, sampler_cfg)  # a sampler this model cannot use fails before any work
     snn = to_snn(ann, snn_cfg)
-    snn_path = os.path.join(logdir, "converted_snn.pt")
+    snn_path = os.path.join(logdir, cflags.tagged("converted_snn.pt"))
     save_snn(snn_path, snn, cfg, snn_cfg, source=os.path.abspath(ckpt_path), step=ckpt.get("step"))
     print(f"converted {ckpt_path} (bit={cfg.unet.bit}, time_steps={snn.time_steps}, neuron={snn_cfg.neuron}) "
           f"-> {snn_path}")
@@ -107,8 +107,8 @@ def convert_and_measure(logdir, device):
     ann_x, snn_x = sample_pair(ann_run, snn_run, cfg, sampler_cfg, device)
     folder = os.path.join(logdir, "images")
     save_grid(ann_x, os.path.join(folder, "ann.png"))
-    save_grid(snn_x, os.path.join(folder, "snn.png"))
-    save_grid(side_by_side(ann_x, snn_x), os.path.join(folder, "ann_vs_snn.png"), nrow=1)
+    save_grid(snn_x, os.path.join(folder, cflags.tagged("snn.png")))
+    save_grid(side_by_side(ann_x, snn_x), os.path.join(folder, cflags.tagged("ann_vs_snn.png")), nrow=1)
     (x_t, t), held_out = error_batch(cfg, device, ann_x)
     error, by_t, stats = noise_errors(ann_run, snn_run, x_t, t)
     ann_floor, error64 = float64_errors(ann, cfg, snn_cfg, x_t, t)
@@ -131,13 +131,14 @@ def main(argv):
         for folder in (logdir, os.path.join(logdir, "images")):
             remove_stale_temporaries(folder)
         result = convert_and_measure(logdir, rt.device)
-        write_json(result, os.path.join(logdir, "conversion.json"))
+        report = os.path.join(logdir, cflags.tagged("conversion.json"))
+        write_json(result, report)
         stats = result["spike_stats"]
         print(f"noise prediction relative error {result['noise_relative_error']:.4f} (the ANN's own float32 vs "
               f"float64: {result['ann_float32_vs_float64']:.4f}; float64 SNN: {result['noise_relative_error_float64']:.2e}), "
               f"firing rate {stats['firing_rate']:.4f}, energy per sample "
               f"{stats['energy_pJ_per_sample'] / 1e6:.2f} uJ (SNN) vs "
-              f"{stats['ann_energy_pJ_per_sample'] / 1e6:.2f} uJ (ANN) -> {os.path.join(logdir, 'conversion.json')}")
+              f"{stats['ann_energy_pJ_per_sample'] / 1e6:.2f} uJ (ANN) -> {report}")
     runtime.teardown(rt)  # the other ranks wait here for rank 0
 
 

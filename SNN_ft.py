@@ -232,7 +232,7 @@ def start(logdir, rt):
     ann, cfg, _ = load_training_ann(ckpt_path, rt.device, cflags.kernels())
     cflags.model_config(cfg, ckpt_path)
     cflags.sampler_config(cfg.diffusion.T)  # a bad sampler setting fails before any work
-    out_dir = os.path.join(logdir, f"SNN_{cfg.unet.bit}bit_ft")
+    out_dir = os.path.join(logdir, cflags.tagged(f"SNN_{cfg.unet.bit}bit_ft"))
     if FLAGS.restart and rt.is_main:
         clear_outputs(out_dir)
     runtime.barrier(rt)

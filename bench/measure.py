@@ -57,43 +57,55 @@ def row(key, a, b, what):
     return {"key": key, "ratio": b / a, "a_ms": a * 1e3, "b_ms": b * 1e3, "what": what}
 
 
-@torch.no_grad()
-def snn_over_ann(name, cfg, batch, device, repeats, signed=False):
-    """(a) SNN forward time / (T x quantized-ANN forward time), 32x32 images, eval mode.
+MODES = {"": ("if", "step"), "_exact": ("graded", "compensated")}  # key suffix: (neuron, norm)
 
-    Three rows: reference kernels, fused kernels (``--kernels=auto``, for the ANN's quantizers
-    too), and the two SNNs against each other; the four models are timed in turn.
+
+@torch.no_grad()
+def snn_over_ann(name, cfg, batch, device, repeats):
+    """(a) SNN forward time / (T x quantized-ANN forward time), 32x32 images, eval mode, for the
+    seed's mode (binary IF, GroupNorm per step) and the exact one (graded, compensated).
+
+    Per mode three rows: reference kernels, fused kernels (``--kernels=auto``, for the ANN's
+    quantizers too), and the two SNNs against each other; all models are timed in turn.
     """
     torch.manual_seed(0)
     ann = UNet(replace(cfg, bit=BIT), 1000).to(device).eval()
     ann_fused = UNet(replace(cfg, bit=BIT), 1000, "auto").to(device).eval()
     ann_fused.load_state_dict(ann.state_dict())
-    kind = "signed" if signed else "if"
-    snn, snn_fused = convert(ann, kind), convert(ann_fused, kind)
-    T = snn.time_steps
     x = torch.randn(batch, 3, 32, 32, device=device)
     t = torch.randint(1000, (batch,), device=device)
-    ann_fused(x, t), snn_fused(x, t)  # compiles the fused kernels outside the timing
-    a, a_fused, ref, fused = interleaved_medians(
-        [lambda: ann(x, t), lambda: ann_fused(x, t), lambda: snn(x, t), lambda: snn_fused(x, t)], repeats, device)
-    what = f"{name} UNet, batch {batch}, T={T}, {'signed' if signed else 'unsigned'} neurons"
-    return [row(f"snn_over_T_ann_{name}", T * a, ref, what + ", reference loop; A = T x ANN"),
-            row(f"snn_over_T_ann_{name}_fused", T * a_fused, fused, what + ", fused (auto); A = T x ANN, fused"),
-            row(f"snn_fused_over_reference_{name}", ref, fused, what + "; A = SNN with the reference loop")]
+    models = [ann, ann_fused]
+    for neuron, norm in MODES.values():
+        models += [convert(ann, neuron, norm), convert(ann_fused, neuron, norm)]
+    for model in models:
+        model(x, t)  # compiles the fused kernels outside the timing
+    times = interleaved_medians([lambda m=m: m(x, t) for m in models], repeats, device)
+    a, a_fused, T = times[0], times[1], models[2].time_steps
+    rows = []
+    for i, (suffix, (neuron, norm)) in enumerate(MODES.items()):
+        ref, fused = times[2 + 2 * i], times[3 + 2 * i]
+        what = f"{name} UNet, batch {batch}, T={T}, {neuron} neurons, {norm} GroupNorm"
+        rows += [row(f"snn_over_T_ann_{name}{suffix}", T * a, ref, what + ", reference loop; A = T x ANN"),
+                 row(f"snn_over_T_ann_{name}{suffix}_fused", T * a_fused, fused,
+                     what + ", fused (auto); A = T x ANN, fused"),
+                 row(f"snn_fused_over_reference_{name}{suffix}", ref, fused, what + "; A = SNN with the reference loop")]
+    return rows
 
 
 @torch.no_grad()
 def if_over_copy(device, repeats, batch=8, T=2 ** BIT - 1):
-    """(b) IF neuron over x [T, B, 32, 32, 32] / x.clone(), reference loop and fused kernel."""
+    """(b) IF neuron over x [T, B, 32, 32, 32] / x.clone(), reference loop and fused kernel, each kind."""
     x = torch.randn(T, batch, 32, 32, 32, device=device) * 0.5
     theta = torch.tensor(0.7, device=device)
     rows = []
-    for kernels, kind in (("reference", "if"), ("auto", "if"), ("reference", "signed"), ("auto", "signed")):
-        spike_train(x, theta, kind, kernels)  # compiles once, outside the timing
-        a, b = paired_medians(lambda: x.clone(), lambda: spike_train(x, theta, kind, kernels), repeats, device)
-        key = "if_over_copy_" + ("reference" if kernels == "reference" else "fused") + ("_signed" if kind == "signed" else "")
-        rows.append(row(key, a, b, f"[{T}, {batch}, 32, 32, 32] float32, {kind} neurons, "
-                                   f"kernels={kernels}; A = x.clone()"))
+    for kind in ("if", "signed", "graded"):
+        for kernels in ("reference", "auto"):
+            spike_train(x, theta, kind, kernels)  # compiles once, outside the timing
+            a, b = paired_medians(lambda: x.clone(), lambda: spike_train(x, theta, kind, kernels), repeats, device)
+            key = "if_over_copy_" + ("reference" if kernels == "reference" else "fused") + \
+                ("" if kind == "if" else f"_{kind}")
+            rows.append(row(key, a, b, f"[{T}, {batch}, 32, 32, 32] float32, {kind} neurons, "
+                                       f"kernels={kernels}; A = x.clone()"))
     return rows
 
 

@@ -4,7 +4,10 @@
 
 Prints a table and writes the same figures to ``bench/results.json`` (atomically):
 
-    snn_over_T_ann_{demo,cifar10}  SNN forward / (T x quantized-ANN forward), reference neurons
+    snn_over_T_ann_{demo,cifar10}[_exact][_fused]
+                                   SNN forward / (T x quantized-ANN forward): the seed's mode (binary
+                                   IF, GroupNorm per step) and the exact one (_exact: graded neurons,
+                                   compensated GroupNorm); reference loop or fused kernels
     if_over_copy_{reference,fused} IF neuron over [T, ...] / x.clone() of the same input
     quant_over_fp_train            2-bit training step (fused quantizers) / full-precision step (demo UNet)
     ddim100_over_ddpm1000          DDIM 100 steps / ancestral 1000 steps, sampling wall time
@@ -28,7 +31,7 @@ from bench import measure  # noqa: E402
 from common.atomic import write_json  # noqa: E402
 
 TARGETS = {"snn_over_T_ann_demo": 1.10, "snn_over_T_ann_cifar10": 1.10, "if_over_copy_fused": 2.0,
-           "quant_over_fp_train": 1.15}
+           "quant_over_fp_train": 1.15, "snn_over_T_ann_demo_exact_fused": 1.15, "snn_over_T_ann_cifar10_exact_fused": 1.15}
 
 
 def parse_args(argv=None):

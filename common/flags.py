@@ -140,6 +140,16 @@ def define_snn_flags():
     flags.DEFINE_enum("norm", "step", ["step", "compensated"],
                       help="GroupNorm of the SNN: step = every time step on its own (the seed), compensated = "
                            "exact over the T steps (docs/conversion.md)")
+    flags.DEFINE_string("tag", "", help="appended to the output names (converted_snn_<tag>.pt, conversion_<tag>.json, "
+                        "SNN_{bit}bit_ft_<tag>/, ...), to keep SNNs of several conversion modes side by side")
+    flags.register_validator("tag", lambda t: all(c.isalnum() or c in "-_" for c in t),
+                             message="--tag may hold letters, digits, - and _ only")
+
+
+def tagged(name):
+    """``name`` with ``_<--tag>`` appended (before its extension), or ``name`` without a tag."""
+    stem, ext = os.path.splitext(name)
+    return f"{stem}_{FLAGS.tag}{ext}" if FLAGS.tag else name
 
 
 def register_folder_validator(name):
