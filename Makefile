@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON = $(VENV)/bin/python
 DEMO_LOGDIR = ./logs/demo
 
-.PHONY: test demo bench clean-demo
+.PHONY: test test-gpu demo bench clean-demo
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv --system-site-packages $(VENV)
@@ -12,7 +12,12 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 test: $(VENV)/.installed
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q tests --ignore=tests/gpu
+
+# The GPU suite (tests/gpu): fused kernels on CUDA and the scripts on a GPU; every test is
+# skipped when torch.cuda.is_available() is False.
+test-gpu: $(VENV)/.installed
+	$(PYTHON) -m pytest -q tests/gpu
 
 # The four stages on the embedded shapes dataset, offline, on a CPU.
 demo: $(VENV)/.installed
