@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 @dataclass(frozen=True)
 class UNetConfig:
     """The UNet and its quantization (pytorch-ddpm's CIFAR-10 model by default)."""
-    ch: int = 128                       # base channels, a multiple of 32 (GroupNorm has 32 groups)
+    ch: int = 128                       # base channels, a multiple of num_groups
     ch_mult: tuple = (1, 2, 2, 2)       # channel multiplier per resolution level
     attn: tuple = ()                    # levels with self-attention (full precision only)
     num_res_blocks: int = 2
@@ -19,6 +19,7 @@ class UNetConfig:
     bit: int = 2                        # activation bits; 32 = plain ReLU
     wbit: int = 32                      # APoT weight bits; 32 = full-precision weights
     alpha_init: float = 6.0             # initial clipping threshold act_alpha
+    num_groups: int = 32                # GroupNorm groups (pytorch-ddpm: 32; keep ch / num_groups >= 2)
 
     @property
     def levels(self):

@@ -36,11 +36,14 @@ def _in_range(name, low, high, what):
 
 def define_model_flags():
     # UNet
-    flags.DEFINE_integer("ch", 128, help="base channel of the UNet (a multiple of 32)")
+    flags.DEFINE_integer("ch", 128, help="base channel of the UNet (a multiple of --num_groups)")
     flags.DEFINE_multi_integer("ch_mult", [1, 2, 2, 2], help="channel multiplier per resolution level")
     flags.DEFINE_multi_integer("attn", [], help="levels with self-attention (full precision only)")
     flags.DEFINE_integer("num_res_blocks", 2, help="ResBlocks per level")
     flags.DEFINE_float("dropout", 0.1, help="dropout rate of the ResBlocks")
+    flags.DEFINE_integer("num_groups", 32, help="groups of every GroupNorm (pytorch-ddpm: 32); with one channel per "
+                         "group GroupNorm removes each channel's mean, and the UNet cannot predict an image's "
+                         "mean colour: keep --ch / --num_groups >= 2 (the CIFAR-10 UNet has 4)")
     flags.DEFINE_integer("img_size", 32, help="image size (a multiple of 2**(levels - 1))")
     # Quantization
     flags.DEFINE_integer("bit", 2, help="activation bits; the SNN runs T = 2**bit - 1 steps; 32 = full precision")
@@ -53,8 +56,10 @@ def define_model_flags():
     flags.DEFINE_enum("mean_type", "epsilon", ["xprev", "xstart", "epsilon"], help="predict variable")
     flags.DEFINE_enum("var_type", "fixedlarge", ["fixedlarge", "fixedsmall"], help="variance type")
 
-    flags.register_validator("ch", lambda c: c > 0 and c % 32 == 0,
-                             message="--ch must be a positive multiple of 32 (GroupNorm uses 32 groups)")
+    _positive("num_groups")
+    flags.register_multi_flags_validator(
+        ["ch", "num_groups"], lambda v: v["ch"] > 0 and v["num_groups"] > 0 and v["ch"] % v["num_groups"] == 0,
+        message="--ch must be a positive multiple of --num_groups (the GroupNorm groups)")
     flags.register_validator("ch_mult", lambda m: bool(m) and min(m) >= 1,
                              message="--ch_mult needs at least one level, every multiplier at least 1")
     _positive("num_res_blocks")

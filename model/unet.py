@@ -20,10 +20,11 @@ from quant import FULL_PRECISION, QConv2d, QLinear, QuantReLU
 
 @dataclass(frozen=True)
 class Layers:
-    """How the UNet's layers are made: activation, conv and linear factories, and the dropout rate."""
+    """How the UNet's layers are made: activation, conv, linear and GroupNorm factories, and the dropout rate."""
     act: Callable
     conv: Callable
     linear: Callable
+    norm: Callable
     dropout: float
 
 
@@ -79,9 +80,9 @@ class UpSample(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over pixels (full-precision baseline only)."""
 
-    def __init__(self, ch):
+    def __init__(self, ch, norm):
         super().__init__()
-        self.group_norm = nn.GroupNorm(32, ch)
+        self.group_norm = norm(ch)
         self.proj_q = nn.Conv2d(ch, ch, 1)
         self.proj_k = nn.Conv2d(ch, ch, 1)
         self.proj_v = nn.Conv2d(ch, ch, 1)
@@ -108,12 +109,12 @@ class ResBlock(nn.Module):
     def __init__(self, in_ch, out_ch, tdim, layers, attn=False):
         super().__init__()
         act, conv = layers.act, layers.conv
-        self.block1 = nn.Sequential(nn.GroupNorm(32, in_ch), act(), conv(in_ch, out_ch, 3, stride=1, padding=1))
+        self.block1 = nn.Sequential(layers.norm(in_ch), act(), conv(in_ch, out_ch, 3, stride=1, padding=1))
         self.temb_proj = nn.Sequential(act(), layers.linear(tdim, out_ch))
         self.block2 = nn.Sequential(
-            nn.GroupNorm(32, out_ch), act(), nn.Dropout(layers.dropout), conv(out_ch, out_ch, 3, stride=1, padding=1))
+            layers.norm(out_ch), act(), nn.Dropout(layers.dropout), conv(out_ch, out_ch, 3, stride=1, padding=1))
         self.shortcut = conv(in_ch, out_ch, 1, stride=1, padding=0) if in_ch != out_ch else nn.Identity()
-        self.attn = AttnBlock(out_ch) if attn else nn.Identity()
+        self.attn = AttnBlock(out_ch, layers.norm) if attn else nn.Identity()
         for part in (self.block1, self.temb_proj, self.block2, self.shortcut):
             for module in part.modules():
                 if isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -139,8 +140,9 @@ def check_config(cfg):
             f"attention (--attn {list(cfg.attn)}) is only available for the full-precision model (--bit=32): "
             "softmax attention multiplies two activations and has no integrate-and-fire "
             "equivalent, so a quantized model meant for conversion must not use it")
-    if cfg.ch % 32:
-        raise ValueError(f"--ch must be a multiple of 32 (GroupNorm uses 32 groups), got {cfg.ch}")
+    if cfg.num_groups < 1 or cfg.ch % cfg.num_groups:
+        raise ValueError(f"--ch must be a multiple of --num_groups (the GroupNorm groups), got ch={cfg.ch}, "
+                         f"num_groups={cfg.num_groups}")
 
 
 class UNet(nn.Module):
@@ -162,12 +164,12 @@ class UNet(nn.Module):
         self.config, self.T, self.bit, self.kernels = config, int(T), config.bit, kernels
         layers = Layers(act=partial(QuantReLU, config.bit, init_alpha=config.alpha_init, kernels=kernels),
                         conv=partial(QConv2d, wbit=config.wbit), linear=partial(QLinear, wbit=config.wbit),
-                        dropout=config.dropout)
+                        norm=partial(nn.GroupNorm, config.num_groups), dropout=config.dropout)
         ch, tdim = config.ch, config.ch * 4
         self.time_embedding = TimeEmbedding(T, ch, tdim, layers)
         self.head = nn.Conv2d(3, ch, kernel_size=3, stride=1, padding=1)
         now_ch = self._build_levels(layers, tdim)
-        self.tail = nn.Sequential(nn.GroupNorm(32, now_ch), layers.act(), nn.Conv2d(now_ch, 3, 3, stride=1, padding=1))
+        self.tail = nn.Sequential(layers.norm(now_ch), layers.act(), nn.Conv2d(now_ch, 3, 3, stride=1, padding=1))
         init.xavier_uniform_(self.head.weight)
         init.zeros_(self.head.bias)
         init.xavier_uniform_(self.tail[-1].weight, gain=1e-5)

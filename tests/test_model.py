@@ -69,5 +69,14 @@ def test_weight_quantized_model_keeps_first_and_last_layers_full_precision():
 
 
 def test_ch_must_fit_group_norm():
-    with pytest.raises(ValueError, match="multiple of 32"):
+    with pytest.raises(ValueError, match="multiple of --num_groups"):
         tiny(ch=48)
+
+
+def test_every_group_norm_has_num_groups_groups():
+    import torch.nn as nn
+    from common.configs import UNetConfig
+    assert UNetConfig().num_groups == 32  # pytorch-ddpm's, and what checkpoints without the field were built with
+    for groups in (8, 32):
+        norms = [m for m in tiny(num_groups=groups).modules() if isinstance(m, nn.GroupNorm)]
+        assert norms and all(m.num_groups == groups for m in norms)
