@@ -39,6 +39,9 @@ flags.DEFINE_integer("total_steps", 800000, help="total training steps")
 flags.DEFINE_integer("warmup", 5000, help="learning rate warm-up steps")
 flags.DEFINE_integer("batch_size", 128, help="global batch size")
 flags.DEFINE_float("ema_decay", 0.9999, help="EMA decay rate")
+flags.DEFINE_float("snr_gamma", 0.0, help="min-SNR-gamma loss weighting (Hang et al., 2023; docs/diffusion.md): "
+                   "steps with a signal-to-noise ratio above gamma count less; 0 = uniform weights (pytorch-ddpm, "
+                   "the seed's setting)")
 flags.DEFINE_string("init", None, help="start from this (higher-precision) checkpoint")
 # Logging and sampling
 flags.DEFINE_integer("log_step", 10, help="frequency of tensorboard scalars")
@@ -52,6 +55,7 @@ for _name in ("warmup", "sample_step"):
 flags.register_validator("lr", lambda v: v > 0, message="--lr must be positive")
 flags.register_validator("grad_clip", lambda v: v > 0, message="--grad_clip must be positive")
 flags.register_validator("ema_decay", lambda v: 0 <= v <= 1, message="--ema_decay must be in [0, 1]")
+flags.register_validator("snr_gamma", lambda v: v >= 0, message="--snr_gamma must be 0 (off) or positive")
 FLAGS = flags.FLAGS
 
 
@@ -122,7 +126,8 @@ class TrainLoop:
         generator = runtime.generator(seed, self.rt.device)
         self.net_model.train()
         self.optim.zero_grad(set_to_none=True)
-        loss = diffusion.training_losses(model, data.random_flip(batch, generator), generator).mean()
+        loss = diffusion.training_losses(model, data.random_flip(batch, generator), generator,
+                                         self.cfg.snr_gamma).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.net_model.parameters(), self.cfg.grad_clip)
         self.optim.step()

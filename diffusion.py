@@ -72,12 +72,13 @@ class GaussianDiffusion(nn.Module):
         return (extract(self.sqrt_alphas_bar, t, x_0.shape) * x_0
                 + extract(self.sqrt_one_minus_alphas_bar, t, x_0.shape) * noise)
 
-    def training_losses(self, model, x_0, generator=None):
+    def training_losses(self, model, x_0, generator=None, snr_gamma=0.0):
         """Per-element squared error of the model's prediction for x_0 [B, C, H, W]: of the noise
         (eq. 14) for ``mean_type=epsilon``, of x_0 for ``xstart``, of the posterior mean for ``xprev``
         (pytorch-ddpm's trainer compares every mean type with the noise, which trains only epsilon).
 
         t ~ U{0, ..., T-1} and the noise are drawn from ``generator`` (on x_0's device).
+        ``snr_gamma > 0`` weights each sample by ``min_snr_weights`` (0: uniform, as the seed).
         """
         t = torch.randint(self.T, size=(x_0.shape[0],), device=x_0.device, generator=generator)
         noise = randn(x_0.shape, x_0, generator)
@@ -86,7 +87,22 @@ class GaussianDiffusion(nn.Module):
             target = noise
         else:
             target = x_0 if self.mean_type == "xstart" else self.q_mean_variance(x_0, x_t, t)[0]
-        return F.mse_loss(model(x_t, t), target, reduction="none")
+        loss = F.mse_loss(model(x_t, t), target, reduction="none")
+        return loss * extract(self.min_snr_weights(snr_gamma), t, loss.shape) if snr_gamma > 0 else loss
+
+    def min_snr_weights(self, gamma):
+        """Min-SNR-gamma loss weights (Hang et al., 2023, arXiv:2303.09556) per step: [T] float64.
+
+        The error of x_0 weighted by min(SNR_t, gamma), SNR_t = alpha_bar_t / (1 - alpha_bar_t),
+        expressed for what the model predicts: an error of epsilon is SNR_t times one of x_0, an
+        error of the posterior mean c1_t times one of x_0 (eq. 7), so the weights are
+        min(SNR_t, gamma) / SNR_t (epsilon), min(SNR_t, gamma) (xstart), min(SNR_t, gamma) / c1_t^2
+        (xprev). Steps with little noise, whose error says least about the samples, count less.
+        """
+        snr = self.alphas_bar / (1.0 - self.alphas_bar)
+        x0_weight = torch.clamp(snr, max=gamma)
+        scale = {"epsilon": snr, "xstart": torch.ones_like(snr), "xprev": self.posterior_mean_coef1 ** 2}
+        return x0_weight / scale[self.mean_type]
 
     # reverse process --------------------------------------------------------------------------
 

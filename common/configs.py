@@ -90,6 +90,7 @@ class TrainConfig:
     warmup: int = 5000
     batch_size: int = 128               # global: split over torchrun processes
     ema_decay: float = 0.9999
+    snr_gamma: float = 0.0              # min-SNR-gamma loss weighting; 0: uniform (pytorch-ddpm, the seed)
     seed: int = 0
 
 

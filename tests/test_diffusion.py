@@ -90,6 +90,35 @@ def test_training_loss_is_zero_for_the_oracle_and_draws_from_the_generator(mean_
     assert torch.equal(seen[0][0], seen[1][0]) and torch.equal(seen[0][1], seen[1][1])
 
 
+@pytest.mark.parametrize("mean_type", ["epsilon", "xstart", "xprev"])
+def test_min_snr_weights_closed_form_and_weighted_loss(mean_type):
+    """Min-SNR-gamma: the x_0 error weighted by min(SNR, gamma), in the units of the prediction."""
+    _, ab = schedule()
+    snr = ab / (1 - ab)
+    gamma = 5.0
+    c1, _ = posterior_coefs(np.arange(T))
+    scale = {"epsilon": snr, "xstart": np.ones(T), "xprev": c1 ** 2}[mean_type]
+    diffusion = GaussianDiffusion(B1, BT, T, mean_type)
+    weights = diffusion.min_snr_weights(gamma)
+    # the diffusion's betas come from a float32 linspace: equal to ~4e-8 relative
+    np.testing.assert_allclose(weights.numpy(), np.minimum(snr, gamma) / scale, rtol=1e-6)
+    if mean_type == "epsilon":  # 1 where the SNR is below gamma (the noisy steps), gamma / SNR above it
+        assert weights[-1] == 1.0 and weights[0] == pytest.approx(gamma / snr[0])
+    x0 = torch.rand(16, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    seen = []
+
+    def model(x_t, t):
+        seen.append(t)
+        return torch.zeros_like(x_t)
+
+    plain = diffusion.training_losses(model, x0, torch.Generator().manual_seed(2))
+    weighted = diffusion.training_losses(model, x0, torch.Generator().manual_seed(2), snr_gamma=gamma)
+    assert torch.equal(seen[0], seen[1])
+    expected = plain * weights[seen[0]].float().view(-1, 1, 1, 1)
+    assert torch.allclose(weighted, expected, rtol=1e-6, atol=0)
+    assert torch.equal(diffusion.training_losses(model, x0, torch.Generator().manual_seed(2), snr_gamma=0.0), plain)
+
+
 def test_variances_pinned():
     betas, ab = schedule()
     d = GaussianDiffusion(B1, BT, T, "epsilon", "fixedlarge")
