@@ -21,7 +21,7 @@ from snn.convert import convert
 from snn.neuron import spike_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = UNetConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, dropout=0.0)
+DEMO = UNetConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, dropout=0.0, num_groups=8)  # config/train_ANN/demo.txt
 CIFAR10 = UNetConfig(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, dropout=0.1)
 TINY = UNetConfig(ch=32, ch_mult=(1,), num_res_blocks=1, dropout=0.0)
 BIT = 2
