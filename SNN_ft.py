@@ -186,6 +186,10 @@ class Recorder:
         for key in ("loss_start", "loss_end", "val_before", "val_after", "kept"):
             self.writer.add_scalar(f"block/{key}", float(getattr(record, key)), record.index)
         self.writer.add_scalar("val_error", self.run.state["val_error"], record.index + 1)
+        if record.steps == 0:
+            tqdm.write(f"[{record.index + 1}] {record.name}: block loss {record.loss_start:.4e}, nothing to tune "
+                       "(no trainable weights, or already equal to the ANN block): left as it was")
+            return
         verdict = "kept" if record.kept else "reverted"
         tqdm.write(f"[{record.index + 1}] {record.name}: block loss {record.loss_start:.4e} -> {record.loss_end:.4e}, "
                    f"SNN-vs-ANN error {record.val_before:.5f} -> {record.val_after:.5f}: {verdict}")

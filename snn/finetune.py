@@ -129,6 +129,18 @@ def block_loss(snn, ann, pair, x_t, t):
     return F.mse_loss(out, target)
 
 
+def block_mismatch(snn, ann, pair, x_t, t):
+    """The SNN block's MSE to the ANN block's output relative to that output's mean square, on
+    (x_t [B, 3, H, W], t [B]): 0 where the SNN block reproduces the ANN exactly, ~1e-15 where it
+    does up to float rounding (a time embedding fed the same step at every time step)."""
+    with torch.no_grad():
+        target = block_output(ann, pair.ann_block, x_t, t)
+        return (block_loss(snn, ann, pair, x_t, t) / target.pow(2).mean().clamp(min=1e-30)).item()
+
+
+MATCHED = 1e-10  # a block whose relative mismatch is below this already equals its ANN block
+
+
 def freeze_thresholds(model):
     """``act_alpha`` of every IF neuron stops taking gradients: thresholds stay those of the ANN."""
     for module in model.modules():
@@ -183,7 +195,7 @@ class BlockRecord:
     val_before: float   # whole-SNN relative L2 error vs the ANN before tuning the block
     val_after: float    # ... with the tuned block
     kept: bool          # val_after < val_before: the tuned weights stay; otherwise reverted
-    steps: int
+    steps: int          # steps taken: ft_steps, or 0 for a block left as it was (nothing to tune)
     lr: float
     wall_s: float
 
@@ -227,17 +239,21 @@ class Tuner:
     def tune_block(self, pair, batches, val_before):
         """Tune one block, then keep it if ``validate()`` fell below ``val_before``, else revert.
 
-        ``batches`` yields (x_t, t). Returns a ``BlockRecord``; the SNN holds the kept (or
-        restored, bit for bit) weights.
+        ``batches`` yields (x_t, t). A block without trainable parameters, or one that already
+        equals its ANN block on the probe batch (``block_mismatch`` below ``MATCHED``: nothing to
+        learn, and Adam would only walk its weights about), is left as it is (``steps`` 0).
+        Returns a ``BlockRecord``; the SNN holds the kept (or restored, bit for bit) weights.
         """
         start, params, saved = time.time(), trainable_parameters(pair.snn_block), snapshot(pair.snn_block)
         loss_start = self.probe_loss(pair)
-        if params and self.cfg.ft_steps > 0:
-            optim = torch.optim.Adam(params, lr=self.cfg.lr)
-            for step in range(self.cfg.ft_steps):
-                loss = self.step(pair, *next(batches), optim, params)
-                if self.on_step is not None:
-                    self.on_step(pair, step, loss)
+        if not params or self.cfg.ft_steps == 0 or block_mismatch(self.snn, self.ann, pair, *self.probe) < MATCHED:
+            return BlockRecord(pair.index, pair.name, loss_start, loss_start, val_before, val_before, False, 0,
+                               self.cfg.lr, round(time.time() - start, 2))
+        optim = torch.optim.Adam(params, lr=self.cfg.lr)
+        for step in range(self.cfg.ft_steps):
+            loss = self.step(pair, *next(batches), optim, params)
+            if self.on_step is not None:
+                self.on_step(pair, step, loss)
         loss_end = self.probe_loss(pair)
         val_after = self.validate()
         kept = val_after < val_before

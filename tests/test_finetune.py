@@ -193,6 +193,27 @@ def test_revert_restores_bit_identical_weights_and_keep_keeps():
     assert not any(k.endswith("act_alpha") for k in changed)
 
 
+def test_a_block_that_already_equals_its_ann_block_is_left_alone():
+    """The time embedding sees the same step at every time step, so its SNN output is the ANN's up
+    to float rounding: it is not tuned (Adam would only walk its weights about), not validated,
+    and stays bit for bit; a block that differs is tuned."""
+    ann, snn = tiny_pair()
+    ft.freeze_thresholds(snn)
+    ann.requires_grad_(False)
+    diffusion = GaussianDiffusion(1e-4, 0.02, T_DIFF)
+    pairs = ft.block_pairs(snn, ann)
+    x, t = noisy_batch(n=16)
+    assert ft.block_mismatch(snn, ann, pairs[0], x, t) < ft.MATCHED < ft.block_mismatch(snn, ann, pairs[5], x, t)
+    original = ft.snapshot(pairs[0].snn_block)
+    calls = []
+    run = tuner(ann, snn, validate=lambda: calls.append(1) or 0.5)
+    record = run.tune_block(pairs[0], batches_for_tiny(diffusion)(0), 1.0)
+    assert record.steps == 0 and not record.kept and record.val_after == record.val_before == 1.0 and not calls
+    for key, value in pairs[0].snn_block.state_dict().items():
+        assert torch.equal(value, original[key]), key
+    assert run.tune_block(pairs[5], batches_for_tiny(diffusion)(5), 1.0).steps == 5 and calls
+
+
 def test_resume_tunes_only_the_remaining_blocks():
     ann, snn = tiny_pair()
     diffusion = GaussianDiffusion(1e-4, 0.02, T_DIFF)
@@ -258,7 +279,8 @@ def test_validation_batch_is_fixed_and_spread():
 TINY_MODEL = ["--dataset=shapes", "--img_size=8", "--ch=32", "--ch_mult=1", "--num_res_blocks=1",
               "--dropout=0.0", "--bit=2", "--T=100"]
 FT_FLAGS = ["--dataset=shapes", "--ft_steps=2", "--batch_size=4", "--val_size=4", "--sample_size=2",
-            "--sampler=ddim", "--sample_steps=2", "--num_workers=0", "--lr=0.001", "--log_step=1"]
+            "--sampler=ddim", "--sample_steps=2", "--num_workers=0", "--lr=0.001", "--log_step=1",
+            "--neuron=if", "--norm=step"]
 
 
 def script(name, *args):
