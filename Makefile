@@ -19,18 +19,28 @@ test: $(VENV)/.installed
 test-gpu: $(VENV)/.installed
 	$(PYTHON) -m pytest -q tests/gpu
 
-# The four stages on the embedded shapes dataset, offline, on a CPU.
+# The four stages on the embedded shapes dataset, offline, on a CPU: the quantized ANN, its SNN in
+# the default (exact) conversion mode and in the seed's mode, the seed's mode fine-tuned; each is
+# evaluated, and the results table is printed and written to logs/demo/results.md.
+DEMO_EVAL = $(PYTHON) evaluate.py --flagfile config/SNN_evaluate/demo.txt
+SEED_MODE = --neuron=if --norm=step --tag=seed
+
 demo: $(VENV)/.installed
 	$(PYTHON) ANN_train.py --flagfile config/train_ANN/demo.txt
 	$(PYTHON) SNN_conversion.py --flagfile config/SNN_convert/demo.txt
+	$(PYTHON) SNN_conversion.py --flagfile config/SNN_convert/demo.txt $(SEED_MODE)
 	$(PYTHON) SNN_ft.py --flagfile config/SNN_ft/demo.txt
-	$(PYTHON) evaluate.py --flagfile config/SNN_evaluate/demo.txt
+	$(DEMO_EVAL) --eval_model_path=$(DEMO_LOGDIR)/ckpt.pt
+	$(DEMO_EVAL) --eval_model_path=$(DEMO_LOGDIR)/converted_snn.pt
+	$(DEMO_EVAL) --eval_model_path=$(DEMO_LOGDIR)/converted_snn_seed.pt
+	$(DEMO_EVAL) --eval_model_path=$(DEMO_LOGDIR)/SNN_2bit_ft_seed/snn_ft.pt
+	$(PYTHON) -m metrics.results --logdir=$(DEMO_LOGDIR)
 	@echo
 	@echo "demo results under $(DEMO_LOGDIR):"
 	@echo "  stage 1  ckpt.pt, sample/, tensorboard events     (tensorboard --logdir $(DEMO_LOGDIR))"
-	@echo "  stage 2  converted_snn.pt, conversion.json, images/"
-	@echo "  stage 3  SNN_2bit_ft/ (finetune.json, model_backpacks/, ft_blocks_samples/)"
-	@echo "  stage 4  snn_eval.txt, images/"
+	@echo "  stage 2  converted_snn.pt (exact mode), converted_snn_seed.pt (the seed's), conversion*.json, images/"
+	@echo "  stage 3  SNN_2bit_ft_seed/ (finetune.json, model_backpacks/, ft_blocks_samples/)"
+	@echo "  stage 4  snn_eval.txt, images/, results.md (the table above)"
 
 bench: $(VENV)/.installed
 	$(PYTHON) bench/run.py

@@ -63,8 +63,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class SNNConfig:
     """How a quantized ANN becomes a spiking UNet; its time steps follow from ``bit``."""
-    neuron: str = "if"                  # if (binary) / signed (Fast-SNN) / graded (signed, integer spikes)
-    norm: str = "step"                  # step: GroupNorm per time step / compensated: exact in total
+    neuron: str = "graded"              # graded (signed, integer spikes) / if (binary, the seed's) / signed (Fast-SNN)
+    norm: str = "compensated"           # compensated: exact in total / step: GroupNorm per time step (the seed's)
 
     @staticmethod
     def time_steps(bit):

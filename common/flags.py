@@ -10,6 +10,7 @@ a config, an explicitly given flag (command line or flagfile) that contradicts i
 """
 import functools
 import os
+import sys
 
 from absl import flags
 
@@ -138,13 +139,14 @@ def define_sampler_flags():
 
 
 def define_snn_flags():
-    flags.DEFINE_enum("neuron", "if", ["if", "signed", "graded"],
-                      help="spiking neuron: if = binary integrate-and-fire (the seed), signed = Fast-SNN's "
-                           "signed neuron, graded = signed with integer (burst) spikes (docs/conversion.md)")
+    flags.DEFINE_enum("neuron", "graded", ["if", "signed", "graded"],
+                      help="spiking neuron: graded = signed with integer (burst) spikes, exact with "
+                           "--norm=compensated; if = binary integrate-and-fire (the seed's); signed = Fast-SNN's "
+                           "signed neuron (docs/conversion.md)")
     flags.DEFINE_bool("sign", None, help="shorthand: --sign is --neuron=signed, --nosign is --neuron=if")
-    flags.DEFINE_enum("norm", "step", ["step", "compensated"],
-                      help="GroupNorm of the SNN: step = every time step on its own (the seed), compensated = "
-                           "exact over the T steps (docs/conversion.md)")
+    flags.DEFINE_enum("norm", "compensated", ["step", "compensated"],
+                      help="GroupNorm of the SNN: compensated = exact over the time steps; step = every time "
+                           "step on its own (the seed's) (docs/conversion.md)")
     flags.DEFINE_string("tag", "", help="appended to the output names (converted_snn_<tag>.pt, conversion_<tag>.json, "
                         "SNN_{bit}bit_ft_<tag>/, ...), to keep SNNs of several conversion modes side by side")
     flags.register_validator("tag", lambda t: all(c.isalnum() or c in "-_" for c in t),
@@ -246,10 +248,10 @@ def snn_config(stored=None, source=None):
     neuron, given = FLAGS.neuron, FLAGS["neuron"].present
     if FLAGS.sign is not None:
         shorthand = "signed" if FLAGS.sign else "if"
-        if given and neuron != shorthand:
+        if given and neuron != shorthand and _typed_on_command_line("neuron"):
             raise UserError(f"--{'' if FLAGS.sign else 'no'}sign (short for --neuron={shorthand}) contradicts "
-                            f"--neuron={neuron} (given too, perhaps in a flagfile); give one of them")
-        neuron, given = shorthand, True
+                            f"--neuron={neuron}, given too; give one of them")
+        neuron, given = shorthand, True  # over a flagfile's --neuron, as any flag on the command line
     wanted = configs.SNNConfig(neuron=neuron, norm=FLAGS.norm)
     if stored is None:
         return wanted
@@ -258,6 +260,11 @@ def snn_config(stored=None, source=None):
             raise UserError(f"--{name}={getattr(wanted, name)} contradicts {source}, which has "
                             f"{name}={getattr(stored, name)}; drop the flag or fix it (or --restart)")
     return stored
+
+
+def _typed_on_command_line(name):
+    """Whether ``--name`` was typed on the command line itself (not only read from a flagfile)."""
+    return any(arg == f"--{name}" or arg.startswith(f"--{name}=") for arg in sys.argv[1:])
 
 
 def sampler_config(T):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from common.checkpoint import save_atomic
+from common.configs import SNNConfig
 from helpers import unet
 from snn import SpikingUNet
 from snn.io import load_model
@@ -40,7 +41,7 @@ def convert_script(*args):
 
 def test_converts_samples_and_reports(tmp_path):
     write_ckpt(tmp_path)
-    proc = convert_script(f"--logdir={tmp_path}", "--sign", *SMALL_RUN)
+    proc = convert_script(f"--logdir={tmp_path}", "--sign", "--norm=step", *SMALL_RUN)
     assert proc.returncode == 0, proc.stderr
     loaded = load_model(str(tmp_path / "converted_snn.pt"))
     model, ckpt = loaded.model, loaded.ckpt
@@ -103,6 +104,33 @@ def test_user_errors_are_one_line(error_runs, case):
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], stderr
     assert not (logdir / "converted_snn.pt").exists()
+
+
+def test_sign_shorthand_overrides_a_flagfiles_neuron(tmp_path):
+    """``--sign`` / ``--nosign`` on the command line win over ``--neuron`` in a flagfile, as any
+    command-line flag does; typed next to a contradicting ``--neuron`` they are an error."""
+    write_ckpt(tmp_path)
+    flagfile = tmp_path / "mode.txt"
+    flagfile.write_text("--neuron=graded\n--norm=step\n")
+    proc = convert_script(f"--flagfile={flagfile}", f"--logdir={tmp_path}", "--nosign", *SMALL_RUN)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "conversion.json").read_text())["neuron"] == "if"
+    proc = convert_script(f"--logdir={tmp_path}", "--nosign", "--neuron=graded", *SMALL_RUN)
+    assert proc.returncode != 0 and "contradicts --neuron=graded" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("flagfile,tag,mode", [("CIFAR10_snn.txt", "", ("graded", "compensated")),
+                                               ("CIFAR10_snn_seed.txt", "_seed", ("if", "step"))])
+def test_cifar10_flagfiles_convert_in_the_mode_they_name(tmp_path, flagfile, tag, mode):
+    """The default flagfile converts in the exact mode; the seed's (a flagfile that includes the
+    default one and overrides it) in the seed's binary mode, beside it under its tag."""
+    write_ckpt(tmp_path)
+    proc = convert_script(f"--flagfile={os.path.join(ROOT, 'config', 'SNN_convert', flagfile)}",
+                          f"--logdir={tmp_path}", "--dataset=shapes", *SMALL_RUN)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / f"conversion{tag}.json").read_text())
+    assert (report["neuron"], report["norm"]) == mode and report["sampler"] == "ddim"
+    assert load_model(str(tmp_path / f"converted_snn{tag}.pt")).snn == SNNConfig(*mode)
 
 
 def test_exact_mode_reports_the_float_floor(tmp_path):

@@ -40,7 +40,7 @@ def run_dir(tmp_path_factory):
             p.add_(0.05 * torch.randn_like(p))
     state = ann.state_dict()
     save_atomic({"net_model": state, "ema_model": state, "config": TINY.to_dict(), "step": 0}, str(folder / "ckpt.pt"))
-    save_snn(str(folder / "converted_snn.pt"), convert(ann, "if"), TINY, configs.SNNConfig("if"))
+    save_snn(str(folder / "converted_snn.pt"), convert(ann, "if"), TINY, configs.SNNConfig("if", "step"))
     feats = np.random.default_rng(0).normal(size=(30, 2048))
     scores.save_stats(str(folder / "stats.npz"), *scores.feature_statistics(feats), scores.INCEPTION_NAME)
     return folder
