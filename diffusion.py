@@ -147,6 +147,14 @@ class GaussianDiffusion(nn.Module):
         return mean, log_var
 
 
+def final_image(steps):
+    """Drain a sampler's ``steps`` generator: its last output (x_0) clipped to [-1, 1]."""
+    x_0 = None
+    for x_0 in steps:
+        pass
+    return x_0.clamp(-1, 1)
+
+
 class AncestralSampler:
     """Ancestral sampling of p(x_{t-1} | x_t) over all ``T`` steps: the seed's sampler."""
 
@@ -173,10 +181,7 @@ class AncestralSampler:
 
     def __call__(self, model, x_T, generator=None):
         """x_0 [B, C, H, W] in [-1, 1] from x_T: the last step's output, clipped."""
-        x_0 = x_T
-        for x_0 in self.steps(model, x_T, generator):
-            pass
-        return x_0.clamp(-1, 1)
+        return final_image(self.steps(model, x_T, generator))
 
 
 class DDIMSampler(AncestralSampler):

@@ -21,7 +21,7 @@ import torch
 from absl import flags
 from PIL import Image
 
-from common import configs, data, runtime
+from common import configs, runtime
 from common import flags as cflags
 from common.atomic import remove_stale_temporaries
 from common.errors import UserError, run
@@ -69,19 +69,6 @@ cflags.register_folder_validator("save_images")
 FLAGS = flags.FLAGS
 
 
-def reference_statistics(net, kind, cfg):
-    """(mu, sigma) of ``--fid_cache`` (default: where compute_fid_stats.py writes them); for the
-    shapes network they are computed on first use (seconds), for Inception they must be there."""
-    dataset, size = cfg.data.dataset, cfg.data.img_size
-    path = FLAGS.fid_cache or scores.default_stats_path(kind, dataset, size)
-    command = scores.stats_command(dataset, size, kind, path)
-    if kind == "shapes" and not FLAGS.fid_cache and not os.path.exists(path):
-        print(f"computing the statistics of the {dataset} training images in {net.name} features -> {path}")
-        held = data.load_dataset(dataset, None, size, train=True)
-        scores.save_stats(path, *scores.dataset_statistics(net, held), net.name)
-    return scores.load_stats(path, net, command), path
-
-
 def prepare_metrics(cfg, device):
     """(feature network, reference statistics, path, reason the scores are skipped), all checked
     before sampling: ``--fid=require`` stops here with what is missing."""
@@ -93,7 +80,7 @@ def prepare_metrics(cfg, device):
     kind = scores.feature_kind(FLAGS.features, cfg.data.dataset)
     try:
         net = scores.load_features(kind, cfg.data.img_size, device, FLAGS.inception_batch)
-        stats, path = reference_statistics(net, kind, cfg)
+        stats, path = scores.reference_statistics(net, kind, cfg.data.dataset, cfg.data.img_size, FLAGS.fid_cache)
         return net, stats, path, None
     except UserError as err:
         if FLAGS.fid == "require":

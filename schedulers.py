@@ -51,6 +51,8 @@ import inspect
 
 import torch
 
+from diffusion import final_image
+
 PREFIX = "diffusers:"
 NAMED = {
     "dpm_solver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
@@ -164,10 +166,11 @@ class SchedulerSampler:
         """Model calls of one run: one per entry of ``scheduler.timesteps`` (2 n - 1 for Heun)."""
         return len(self.make_scheduler().timesteps)
 
-    def model_time(self, t, x):
-        """The integer step [B] (int64, on x's device) nearest to the scheduler's ``t``."""
-        step = min(max(int(torch.round(torch.as_tensor(t, dtype=torch.float64))), 0), self.diffusion.T - 1)
-        return torch.full((x.shape[0],), step, dtype=torch.long, device=x.device)
+    def model_times(self, timesteps):
+        """The integer diffusion step nearest to each of the scheduler's ``timesteps`` (a list of
+        ints, read from the device once, before the sampling loop: no host synchronisation in it)."""
+        rounded = torch.round(timesteps.detach().to("cpu", torch.float64)).long().clamp(0, self.diffusion.T - 1)
+        return rounded.tolist()
 
     def denoiser(self, model):
         """``model`` as the scheduler sees it: (x_t [B, C, H, W], t [B]) -> [B, C, H, W] of the
@@ -196,16 +199,15 @@ class SchedulerSampler:
         """Yields the sample after each scheduler step (``network_calls`` of them) from x_T
         [B, C, H, W]; the last one is x_0, unclipped. Noise comes from ``generator`` alone."""
         scheduler = self.make_scheduler(x_T.device)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)  # the step index counts from 0: no lookup of t on the device
         denoise, kwargs = self.denoiser(model), self.step_kwargs(generator)
         x = x_T * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
-            out = denoise(scheduler.scale_model_input(x, t), self.model_time(t, x))
+        for t, step in zip(scheduler.timesteps, self.model_times(scheduler.timesteps)):
+            out = denoise(scheduler.scale_model_input(x, t), x.new_full((x.shape[0],), step, dtype=torch.long))
             x = scheduler.step(out, t, x, **kwargs).prev_sample
             yield x
 
     def __call__(self, model, x_T, generator=None):
         """x_0 [B, C, H, W] in [-1, 1] from x_T: the last step's output, clipped."""
-        x_0 = x_T
-        for x_0 in self.steps(model, x_T, generator):
-            pass
-        return x_0.clamp(-1, 1)
+        return final_image(self.steps(model, x_T, generator))

@@ -69,6 +69,19 @@ def stats_command(dataset, img_size, kind, path):
             f"--features={kind} --out={path}")
 
 
+def reference_statistics(net, kind, dataset, img_size, path=None, log=print):
+    """((mu, sigma), path) of ``dataset``'s training images in ``net``'s features, from ``path``
+    (default: ``default_stats_path``). For the shapes network the default file is computed on
+    first use (seconds); anything else must be there (``UserError`` naming the command)."""
+    default = path is None
+    path = path or default_stats_path(kind, dataset, img_size)
+    if kind == "shapes" and default and not os.path.exists(path):
+        from common import data
+        log(f"computing the statistics of the {dataset} training images in {net.name} features -> {path}")
+        save_stats(path, *dataset_statistics(net, data.load_dataset(dataset, None, img_size, train=True)), net.name)
+    return load_stats(path, net, stats_command(dataset, img_size, kind, path)), path
+
+
 def feature_statistics(feats):
     """mu [D] and sigma [D, D] of features [N, D], as the library computes them."""
     return np.mean(feats, axis=0), np.cov(feats, rowvar=False)
