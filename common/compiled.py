@@ -1,4 +1,4 @@
-"""Elementwise kernels compiled with ``torch.compile``, and the ``auto`` fallback (DESIGN §3).
+"""Elementwise kernels compiled with ``torch.compile``, and the ``auto`` fallback (``docs/scale.md``).
 
 Quantized activations and IF neurons are chains of elementwise operations; run one by one, each
 is a full pass over memory. ``torch.compile`` (inductor) fuses a chain into one kernel:

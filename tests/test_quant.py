@@ -1,4 +1,4 @@
-"""The activation quantizer of DESIGN §2 and the APoT weight quantizer."""
+"""The activation quantizer of ``docs/quantization.md`` and the APoT weight quantizer."""
 import pytest
 import torch
 import torch.nn as nn
