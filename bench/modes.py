@@ -1,0 +1,124 @@
+"""Every conversion mode side by side on one trained model: the mode table of README and docs.
+
+    python bench/modes.py --logdir=logs/demo [--val_size=256] [--num_images=512] [--finetune]
+
+For each neuron (if, signed, graded) x GroupNorm (step, compensated), against the quantized ANN
+of ``<logdir>/ckpt.pt``: the noise-prediction error on the held-out batch (``--val_size`` pairs,
+t spread over the diffusion range, the batch of conversion.json), the error of the samples drawn
+from the same noise (``--sampler``, default DDIM 20 steps), FID / IS / recognisability in the
+shapes network's features, spike events per neuron per time step and the energy per generated
+image. ``--finetune`` also tunes the binary modes with ``SNN_ft.py`` (the demo flagfile's
+settings, one ``--tag`` per mode) and adds those rows. Writes ``docs/measured/modes.md`` and ``.json``.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from bench.quality import Scorer  # noqa: E402
+from common.atomic import atomic_open, write_json  # noqa: E402
+from common.configs import SamplerConfig, SNNConfig  # noqa: E402
+from common.models import build_sampler  # noqa: E402
+from snn import agreement  # noqa: E402
+from snn.io import load_model, load_training_ann, to_snn  # noqa: E402
+from snn.stats import SpikeMonitor  # noqa: E402
+
+MODES = [(neuron, norm) for neuron in ("if", "signed", "graded") for norm in ("step", "compensated")]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--logdir", default="logs/demo", help="the run folder holding ckpt.pt")
+    parser.add_argument("--val_size", type=int, default=256, help="held-out pairs of the noise-prediction error")
+    parser.add_argument("--num_images", type=int, default=512, help="images sampled per model for the scores")
+    parser.add_argument("--sampler", default="ddim", help="sampler of the scored images (as --sampler)")
+    parser.add_argument("--sample_steps", type=int, default=20, help="its network calls")
+    parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta (the demo's: 1)")
+    parser.add_argument("--finetune", action="store_true", help="also fine-tune the binary modes (SNN_ft.py)")
+    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "measured", "modes"), help="output stem (.md, .json)")
+    return parser.parse_args(argv)
+
+
+class Bench:
+    """The ANN, the held-out batch, its predictions and samples, and the scorer rows compare against."""
+
+    def __init__(self, args, device):
+        self.args, self.device = args, device
+        self.ann, self.cfg, _ = load_training_ann(os.path.join(args.logdir, "ckpt.pt"), device, "auto")
+        self.sampler_cfg = SamplerConfig(args.sampler, args.sample_steps, args.eta)
+        diffusion, sampler = build_sampler(self.cfg, self.sampler_cfg, device)
+        self.calls = sampler.network_calls
+        self.x_t, self.t = agreement.held_out_batch(self.cfg, args.val_size, diffusion, 0, "./data", device)
+        self.ann_out = agreement.predictions(self.ann, self.x_t, self.t)
+        self.scorer = Scorer.for_config(self.cfg, args.num_images, device=device)
+        self.ann_row = self.scorer.score(self.ann, self.cfg, self.sampler_cfg, device)
+
+    @torch.no_grad()
+    def measure(self, snn, label):
+        """One row: errors against the ANN, scores, spike events and energy of ``snn``."""
+        monitor = SpikeMonitor(snn)
+        with monitor:
+            out = agreement.predictions(snn, self.x_t, self.t)
+        stats = monitor.summary()
+        scored = self.scorer.score(snn, self.cfg, self.sampler_cfg, self.device)
+        as_float = [torch.from_numpy(r["images"]).double() for r in (scored, self.ann_row)]
+        return {"model": label, "noise_error": agreement.relative_error(out, self.ann_out),
+                "sample_error": agreement.relative_error(*as_float),
+                **{k: scored[k] for k in ("FID", "IS", "recognisability", "s_per_image")},
+                "events_per_neuron_step": stats["firing_rate"], "multi_spike_fraction": stats.get("multi_spike_fraction"),
+                "negative_spike_fraction": stats["negative_spike_fraction"],
+                "energy_uJ_per_image": stats["energy_pJ_per_sample"] * self.calls / 1e6}
+
+    def finetuned(self, neuron, norm):
+        """The SNN of mode (neuron, norm) after ``SNN_ft.py`` with the demo flagfile's settings."""
+        tag = f"bench_{neuron}_{norm}"
+        cmd = [sys.executable, "SNN_ft.py", "--flagfile=config/SNN_ft/demo.txt", f"--logdir={self.args.logdir}",
+               f"--neuron={neuron}", f"--norm={norm}", f"--tag={tag}", "--sample_size=0"]
+        subprocess.run(cmd, cwd=ROOT, check=True)
+        path = os.path.join(self.args.logdir, f"SNN_{self.cfg.unet.bit}bit_ft_{tag}", "snn_ft.pt")
+        return load_model(path, self.device, "auto").model
+
+
+def table(rows, ann, args, calls):
+    lines = [f"Against the quantized ANN: FID {ann['FID']:.2f}, IS {ann['IS']:.2f}, recognisability "
+             f"{ann['recognisability']:.3f} ({args.num_images} images, {args.sampler} {calls} calls, eta {args.eta:g}, shapes network "
+             f"features); noise-prediction error on {args.val_size} held-out pairs.", "",
+             "| SNN | noise error | sample error | FID | IS | recognisability | events / neuron / step "
+             "| spikes > 1 | negative | energy / image (uJ) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['noise_error']:.4f} | {r['sample_error']:.4f} | {r['FID']:.2f} "
+                     f"| {r['IS']:.2f} | {r['recognisability']:.3f} | {r['events_per_neuron_step']:.3f} "
+                     f"| {r['multi_spike_fraction'] or 0:.3f} | {r['negative_spike_fraction']:.3f} "
+                     f"| {r['energy_uJ_per_image']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bench = Bench(args, device)
+    rows = []
+    for neuron, norm in MODES:
+        rows.append(bench.measure(to_snn(bench.ann, SNNConfig(neuron, norm)), f"{neuron}, {norm}"))
+        print(json.dumps({k: v for k, v in rows[-1].items()}), flush=True)
+    if args.finetune:
+        for neuron, norm in [(n, m) for n, m in MODES if n != "graded"]:
+            rows.append(bench.measure(bench.finetuned(neuron, norm), f"{neuron}, {norm}, fine-tuned"))
+            print(json.dumps(rows[-1]), flush=True)
+    text = table(rows, bench.ann_row, args, bench.calls)
+    with atomic_open(args.out + ".md", "w") as f:
+        f.write(text)
+    write_json({"ann": {k: v for k, v in bench.ann_row.items() if k != "images"}, "rows": rows,
+                "settings": vars(args)}, args.out + ".json")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
