@@ -43,6 +43,7 @@ CASES = {
     "bit=9": ("ANN_train.py", ["--bit=9"], ["--bit"]),
     "ch=36": ("ANN_train.py", ["--ch=36"], ["ch=36", "multiple of --num_groups"]),
     "num_groups=3": ("ANN_train.py", ["--num_groups=3"], ["num_groups=3", "multiple of --num_groups"]),
+    "snr_gamma=-1": ("ANN_train.py", ["--snr_gamma=-1"], ["--snr_gamma=-1", "0 (off) or positive"]),
     "stats out under a file": ("compute_fid_stats.py", ["--dataset=shapes", "--out={file}/s.npz"], ["--out"]),
     "conversion val_size=0": ("SNN_conversion.py", ["--val_size=0"], ["--val_size=0"]),
     "conversion sample_size=0": ("SNN_conversion.py", ["--sample_size=0"], ["--sample_size=0"]),
