@@ -136,7 +136,7 @@ def main(argv):
         stats = result["spike_stats"]
         print(f"noise prediction relative error {result['noise_relative_error']:.4f} (the ANN's own float32 vs "
               f"float64: {result['ann_float32_vs_float64']:.4f}; float64 SNN: {result['noise_relative_error_float64']:.2e}), "
-              f"firing rate {stats['firing_rate']:.4f}, energy per sample "
+              f"firing rate {stats['firing_rate']:.4f}, energy per network call of one image "
               f"{stats['energy_pJ_per_sample'] / 1e6:.2f} uJ (SNN) vs "
               f"{stats['ann_energy_pJ_per_sample'] / 1e6:.2f} uJ (ANN) -> {report}")
     runtime.teardown(rt)  # the other ranks wait here for rank 0
