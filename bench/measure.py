@@ -27,7 +27,7 @@ TINY = UNetConfig(ch=32, ch_mult=(1,), num_res_blocks=1, dropout=0.0)
 BIT = 2
 
 
-def _sync(device):
+def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -45,10 +45,10 @@ def interleaved_medians(fns, repeats, device, warmup=1):
     times = [[] for _ in fns]
     for _ in range(repeats):
         for fn, out in zip(fns, times):
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             out.append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
 

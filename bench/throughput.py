@@ -28,15 +28,14 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
 
-from bench.measure import CIFAR10  # noqa: E402
+from bench.measure import CIFAR10, sync  # noqa: E402
 from common.atomic import write_json  # noqa: E402
 from common.configs import SamplerConfig  # noqa: E402
 from diffusion import GaussianDiffusion, make_sampler  # noqa: E402
 from model import UNet  # noqa: E402
 from snn.convert import convert  # noqa: E402
-from snn.stats import fan_in  # noqa: E402
+from snn.stats import SpikeMonitor  # noqa: E402
 
 MODES = {"SNN, seed's mode (if, step)": ("if", "step"), "SNN, exact mode (graded, compensated)": ("graded", "compensated")}
 EVAL_IMAGES = 50_000
@@ -55,19 +54,12 @@ def parse_args(argv=None):
 
 @torch.no_grad()
 def macs_per_forward(model, img_size=32):
-    """Multiply-accumulates of one forward of one image through every conv and linear layer."""
-    total = []
-
-    def count(layer, args, out):
-        total.append(out[0].numel() * fan_in(layer))
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    hooks = [m.register_forward_hook(count) for m in layers]
-    try:
+    """Multiply-accumulates of one forward of one image through every conv and linear layer, as
+    the spike monitor charges a quantized ANN."""
+    monitor = SpikeMonitor(model)
+    with monitor:
         model(torch.zeros(1, 3, img_size, img_size), torch.zeros(1, dtype=torch.long))
-    finally:
-        for h in hooks:
-            h.remove()
-    return sum(total)
+    return monitor.summary()["ann_mac_per_sample"]
 
 
 def _memory_kb(field):
@@ -91,11 +83,6 @@ def activation_bytes_per_image(model, batch=32):
     return max(0, _memory_kb("VmHWM") - before) * 1024 / batch
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def images_per_second(model, sampler, args, device):
     """Median images/s of whole sampling runs of ``--batch_size`` images (after one warm-up call)."""
@@ -104,10 +91,10 @@ def images_per_second(model, sampler, args, device):
     model(x_T, t)  # compiles the fused kernels outside the timing
     times = []
     for _ in range(args.repeats):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         sampler(model, x_T, torch.Generator(device).manual_seed(1))
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return args.batch_size / sorted(times)[len(times) // 2]
 

@@ -129,13 +129,15 @@ def block_loss(snn, ann, pair, x_t, t):
     return F.mse_loss(out, target)
 
 
-def block_mismatch(snn, ann, pair, x_t, t):
+def block_mismatch(snn, ann, pair, x_t, t, loss=None):
     """The SNN block's MSE to the ANN block's output relative to that output's mean square, on
     (x_t [B, 3, H, W], t [B]): 0 where the SNN block reproduces the ANN exactly, ~1e-15 where it
-    does up to float rounding (a time embedding fed the same step at every time step)."""
+    does up to float rounding (a time embedding fed the same step at every time step).
+    ``loss``: ``block_loss`` on the same batch, where the caller has it already."""
     with torch.no_grad():
-        target = block_output(ann, pair.ann_block, x_t, t)
-        return (block_loss(snn, ann, pair, x_t, t) / target.pow(2).mean().clamp(min=1e-30)).item()
+        if loss is None:
+            loss = block_loss(snn, ann, pair, x_t, t).item()
+        return loss / block_output(ann, pair.ann_block, x_t, t).pow(2).mean().clamp(min=1e-30).item()
 
 
 MATCHED = 1e-10  # a block whose relative mismatch is below this already equals its ANN block
@@ -246,7 +248,8 @@ class Tuner:
         """
         start, params, saved = time.time(), trainable_parameters(pair.snn_block), snapshot(pair.snn_block)
         loss_start = self.probe_loss(pair)
-        if not params or self.cfg.ft_steps == 0 or block_mismatch(self.snn, self.ann, pair, *self.probe) < MATCHED:
+        if not params or self.cfg.ft_steps == 0 or \
+                block_mismatch(self.snn, self.ann, pair, *self.probe, loss=loss_start) < MATCHED:
             return BlockRecord(pair.index, pair.name, loss_start, loss_start, val_before, val_before, False, 0,
                                self.cfg.lr, round(time.time() - start, 2))
         optim = torch.optim.Adam(params, lr=self.cfg.lr)
