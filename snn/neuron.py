@@ -12,8 +12,9 @@ Every kind starts its membrane at theta / 2, resets softly (subtracts what it em
 an integer ``s`` per step; its output current is ``theta * s``:
 
 * ``if``: binary, s in {0, 1} (fires when the membrane reaches theta);
-* ``signed``: Fast-SNN's neuron, s in {-1, 0, 1}; -1 when the membrane falls below zero after
-  the neuron has fired, so its net spike count never goes negative;
+* ``signed``: Fast-SNN's neuron, s in {-1, 0, 1}; -1 when the membrane has fallen to
+  ``-SIGNED_TOLERANCE`` or below after the neuron has fired, so its net spike count never goes
+  negative;
 * ``graded``: s = clamp(floor(v / theta), -c, L - c) with ``c`` the net count so far and
   L = ``levels`` = T. Its net count after step t is clamp(floor(S_t / theta + 1/2), 0, L) for the
   input sum S_t, so over T = L steps its mean output is exactly the b-bit quantizer of its mean
@@ -62,13 +63,20 @@ def if_step(x, v, count, theta, levels):
     return s, torch.where(fire, v - theta, v), count + s
 
 
+SIGNED_TOLERANCE = 1e-3
+"""How far below zero a signed neuron's membrane must fall before it emits -1: an absolute
+membrane value, the same whatever the threshold (Fast-SNN's and the seed's spiking layers)."""
+
+
 def signed_step(x, v, count, theta, levels):
-    """Fast-SNN's signed IF neuron: +1 as ``if_step``; -1 (taking theta back) when the membrane
-    is below zero and the net count positive, so the net count never goes negative."""
+    """Fast-SNN's signed IF neuron: +1 as ``if_step``; then -1 (taking theta back) when the
+    membrane is at ``-SIGNED_TOLERANCE`` or below and the net count positive, so the net count
+    never goes negative. (A step that fired leaves v >= 0, so whether ``count`` includes that
+    step's +1 makes no difference.)"""
     v = v + x
     fire = v >= theta
     v = torch.where(fire, v - theta, v)
-    neg = (v < 0) & (count > 0)
+    neg = (v <= -SIGNED_TOLERANCE) & (count > 0)
     v = torch.where(neg, v + theta, v)
     s = fire.to(x.dtype) - neg.to(x.dtype)
     return s, v, count + s

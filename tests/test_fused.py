@@ -68,6 +68,29 @@ def test_fused_equals_reference_near_threshold(T, kind):
 
 
 @needs_compiler
+@pytest.mark.parametrize("theta", [0.01, 1.0, 10.0])
+def test_fused_signed_neuron_tolerance(theta):
+    """The hand-computed cases of the signed neuron's tolerance (tests/test_neuron.py), compiled:
+    -5e-4 no negative spike, -2e-3 and -1e-3 one; and membranes a few ulps either side of
+    float32(-1e-3), where the compiled comparison must round its constant as the reference does."""
+    from test_neuron import tolerance_cases
+    x, expected = tolerance_cases(theta, torch.float32)
+    assert torch.equal(fused.if_spikes_fused(x, torch.tensor(theta), "signed"), expected)
+    edge = torch.tensor(-1e-3, dtype=torch.float32)
+    around = [edge]
+    for direction in (-1.0, 1.0):
+        value = edge
+        for _ in range(3):
+            value = torch.nextafter(value, torch.tensor(direction))
+            around.append(value)
+    m = torch.stack(around)  # [7]: float32(-1e-3) and three neighbours either side
+    x = torch.stack([torch.full_like(m, theta / 2), m, torch.zeros_like(m)])
+    ref = if_spikes(x, theta, "signed")
+    assert torch.equal(bits(fused.if_spikes_fused(x, torch.tensor(theta), "signed")), bits(ref))
+    assert ref[1].tolist() == [-1, -1, -1, -1, 0, 0, 0]  # at float32(-1e-3) and below: -1
+
+
+@needs_compiler
 def test_fused_constant_input_is_the_quantizer():
     """Closed form: over T = 3 steps the mean output equals the 2-bit quantizer."""
     theta = torch.tensor(1.3)

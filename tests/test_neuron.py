@@ -27,7 +27,8 @@ def loop_spikes(x, theta, kind):
     """The neurons from their definitions, step by step: x [T, ...] -> integer spikes [T, ...].
 
     For ``if`` and ``signed`` this is the reference loop the project had before the step
-    functions, operation for operation, so equality with it pins today's spikes.
+    functions, operation for operation (with the reference codes' tolerance of the signed
+    neuron: -1 at a membrane of -1e-3 or below), so equality with it pins today's spikes.
     """
     theta = torch.as_tensor(theta, dtype=x.dtype)
     levels = x.shape[0]
@@ -42,7 +43,7 @@ def loop_spikes(x, theta, kind):
             s = (v >= theta).to(x.dtype)
         v = v - s * theta
         if kind == "signed":
-            n = ((v < 0) & (count > 0)).to(x.dtype)
+            n = ((v <= -1e-3) & (count > 0)).to(x.dtype)
             v = v + n * theta
             s = s - n
         count = count + s
@@ -70,6 +71,30 @@ def test_step_functions_are_the_definitions(kind, dtype):
         assert torch.equal(if_spikes(x, theta, kind), loop_spikes(x, theta, kind))
         x = near_threshold(T, (6, 50), theta, g, dtype)
         assert torch.equal(if_spikes(x, theta, kind), loop_spikes(x, theta, kind))
+
+
+def tolerance_cases(theta, dtype):
+    """Inputs [3, 4] and hand-computed spikes of a signed neuron: the first step brings the membrane
+    from theta / 2 to theta exactly (a spike, then v = 0), the second to m; -1 exactly when m is at
+    -1e-3 or below, whatever theta."""
+    m = torch.tensor([-5e-4, -2e-3, -1e-3, -0.0], dtype=dtype)
+    x = torch.stack([torch.full_like(m, theta / 2), m, torch.zeros_like(m)])
+    expected = torch.tensor([[1, 1, 1, 1], [0, -1, -1, 0], [0, 0, 0, 0]], dtype=dtype)
+    return x, expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("theta", [0.01, 1.0, 10.0])
+def test_signed_neuron_tolerance_is_absolute(theta, dtype):
+    """The reference codes' signed neuron: a membrane of -5e-4 gives no negative spike, -2e-3 and
+    -1e-3 give one, for a threshold of 0.01 as for 10 (an absolute tolerance)."""
+    from snn.neuron import SIGNED_TOLERANCE
+    assert SIGNED_TOLERANCE == 1e-3
+    x, expected = tolerance_cases(theta, dtype)
+    assert torch.equal(if_spikes(x, theta, "signed"), expected)
+    neuron = IFNeuron(3, theta, "signed").to(dtype)  # its threshold: theta rounded to float32
+    x, expected = tolerance_cases(neuron.act_alpha.item(), dtype)
+    assert torch.equal(neuron(fold(x)).detach(), fold(expected) * neuron.act_alpha.detach())
 
 
 @pytest.mark.parametrize("bit", [1, 2, 3, 4])

@@ -53,6 +53,12 @@ def test_constant_input_reproduces_quant_relu(bit, kind):
     ([0.9, -0.9, 0.0], "graded", [1, -1, 0]),
     ([1.0, 1.0, -2.0], "graded", [1, 1, -2]),     # v: 1.5, 1.5, -1.5: takes back both spikes at once
     ([2.6, 0.0, 0.0], "graded", [3, 0, 0]),       # v = 3.1: three levels in one step
+    # the signed neuron's tolerance: after the spike at step 0 the membrane is 0 + x_1
+    ([0.5, -5e-4, 0.0], "signed", [1, 0, 0]),     # v = -5e-4: above -1e-3, no -1 (v < 0 is not enough)
+    ([0.5, -2e-3, 0.0], "signed", [1, -1, 0]),    # v = -2e-3: -1, and v = 0.998
+    ([0.5, -1e-3, 0.0], "signed", [1, -1, 0]),    # v = -1e-3 exactly: -1 (at the tolerance or below)
+    ([0.5, -5e-4, -5e-4], "signed", [1, 0, -1]),  # v: -5e-4, then -1e-3: -1 at the second step
+    ([-0.5, -2e-3, 0.0], "signed", [0, 0, 0]),    # v = 0, -2e-3, but it never fired: no -1
 ])
 def test_pinned_spike_trains(inputs, kind, expected):
     """Hand-computed spike trains of a neuron with theta = 1 (membrane starts at 0.5)."""
