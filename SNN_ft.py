@@ -27,7 +27,7 @@ from common.errors import UserError, run
 from common.images import save_grid
 from common.models import build_sampler
 from common.progress import progress
-from snn import agreement, finetune
+from snn import agreement, calibrate, finetune
 from snn.io import load_training_ann, save_snn, to_snn
 
 cflags.define_model_flags()
@@ -40,21 +40,29 @@ flags.DEFINE_float("lr", 1e-6, help="Adam learning rate of every block")
 flags.DEFINE_integer("ft_steps", 20000, help="fine-tuning steps per block")
 flags.DEFINE_integer("batch_size", 128, help="global batch size")
 flags.DEFINE_float("grad_clip", 1.0, help="gradient norm clipping (0: none)")
-flags.DEFINE_integer("val_size", 128, help="held-out (x_t, t) pairs that decide keep or revert (the batch of "
-                     "stage 2's error, for the same --val_size and --seed)")
+flags.DEFINE_integer("val_size", 128, help="held-out (x_t, t) pairs of the one-call error that keep-or-revert "
+                     "judges by (the batch of stage 2's error, for the same --val_size and --seed)")
+flags.DEFINE_integer("judge_images", 64, help="images of the short sampling run (fixed noise, the ANN's images "
+                     "beside) whose error keep-or-revert judges by too; 0: the one-call error alone")
+flags.DEFINE_integer("judge_steps", 10, help="DDIM steps of that sampling run")
+flags.DEFINE_float("judge_eta", 1.0, help="DDIM eta of that sampling run (its noise fixed too)")
+flags.DEFINE_bool("bias_correction", True, help="before a block's steps, shift its output bias by the mean "
+                  "difference between the ANN's and the SNN's block output on a calibration batch")
+flags.DEFINE_integer("calib_size", 256, help="(x_t, t) pairs of the calibration batch, drawn as the training batches")
 flags.DEFINE_bool("restart", False, help="discard earlier progress in SNN_{bit}bit_ft and start from the converted SNN")
 # Logging and sampling
 flags.DEFINE_integer("log_step", 10, help="frequency of the training-loss scalars")
 flags.DEFINE_integer("sample_size", 64, help="images in the grid sampled after every block (0: no grids)")
-for _name in ("batch_size", "val_size", "log_step"):
+for _name in ("batch_size", "val_size", "log_step", "judge_steps", "calib_size"):
     flags.register_validator(_name, lambda v: v >= 1, message=f"--{_name} must be at least 1")
-for _name in ("ft_steps", "sample_size", "grad_clip"):
+for _name in ("ft_steps", "sample_size", "grad_clip", "judge_images"):
     flags.register_validator(_name, lambda v: v >= 0, message=f"--{_name} must be 0 or more")
 flags.register_validator("lr", lambda v: v > 0, message="--lr must be positive")
+flags.register_validator("judge_eta", lambda v: 0 <= v <= 1, message="--judge_eta must be in [0, 1]")
 FLAGS = flags.FLAGS
 
-# Changing these would make the stored validation errors incomparable with new ones.
-RESUME_FIXED = ("val_size", "seed")
+# Changing these would make the stored errors incomparable with new ones.
+RESUME_FIXED = ("val_size", "seed", "judge_images", "judge_steps", "judge_eta")
 
 
 def backpack_path(out_dir, index, name):
@@ -130,7 +138,9 @@ class FinetuneRun:
         return {"ckpt": self.state["source"], "bit": self.cfg.unet.bit, "time_steps": self.snn.time_steps,
                 **configs.to_dict(self.snn_cfg), "settings": configs.to_dict(self.ft_cfg),
                 "val_size": self.ft_cfg.val_size, "converted_error": self.state["converted_error"],
-                "final_error": self.state["val_error"], "finished": finished,
+                "final_error": self.state["val_error"],
+                "converted_sample_error": self.state.get("converted_sample_error"),
+                "final_sample_error": self.state.get("sample_error"), "finished": finished,
                 "snn_ft": os.path.join(self.out_dir, "snn_ft.pt") if finished else None,
                 "blocks": self.state["records"]}
 
@@ -146,7 +156,10 @@ class FinetuneRun:
             write_json(self.summary(finished=True), os.path.join(self.out_dir, "finetune.json"))
             kept = sum(r["kept"] for r in self.state["records"])
             print(json.dumps({"snn_ft": path, "converted_error": self.state["converted_error"],
-                              "final_error": self.state["val_error"], "blocks_kept": kept,
+                              "final_error": self.state["val_error"],
+                              "converted_sample_error": self.state.get("converted_sample_error"),
+                              "final_sample_error": self.state.get("sample_error"), "blocks_kept": kept,
+                              "bias_corrections_kept": sum(r.get("bias_kept", False) for r in self.state["records"]),
                               "blocks": len(self.state["records"])}))
         runtime.barrier(self.rt)
 
@@ -174,7 +187,7 @@ class Recorder:
             self.bar = None
         state = self.run.state
         state["records"].append(record.as_dict())
-        state["next_block"], state["val_error"] = record.index + 1, val_error
+        state["next_block"], state["val_error"], state["sample_error"] = record.index + 1, val_error, record.sample_end
         if self.run.rt.is_main:
             self.write(record)
         runtime.barrier(self.run.rt)
@@ -183,16 +196,36 @@ class Recorder:
         self.run.save(backpack_path(self.run.out_dir, record.index, record.name))
         self.run.sample_grid(self.run.snn, f"block_{record.index:02d}_{record.name}")
         write_json(self.run.summary(finished=False), os.path.join(self.run.out_dir, "finetune.json"))
-        for key in ("loss_start", "loss_end", "val_before", "val_after", "kept"):
-            self.writer.add_scalar(f"block/{key}", float(getattr(record, key)), record.index)
+        for key, value in record.as_dict().items():
+            if key not in ("index", "name", "lr", "wall_s") and value is not None:
+                self.writer.add_scalar(f"block/{key}", float(value), record.index)
         self.writer.add_scalar("val_error", self.run.state["val_error"], record.index + 1)
-        if record.steps == 0:
-            tqdm.write(f"[{record.index + 1}] {record.name}: block loss {record.loss_start:.4e}, nothing to tune "
-                       "(no trainable weights, or already equal to the ANN block): left as it was")
-            return
-        verdict = "kept" if record.kept else "reverted"
-        tqdm.write(f"[{record.index + 1}] {record.name}: block loss {record.loss_start:.4e} -> {record.loss_end:.4e}, "
-                   f"SNN-vs-ANN error {record.val_before:.5f} -> {record.val_after:.5f}: {verdict}")
+        if record.sample_end is not None:
+            self.writer.add_scalar("sample_error", record.sample_end, record.index + 1)
+        for line in report_lines(record):
+            tqdm.write(f"[{record.index + 1}] {record.name}: {line}")
+
+
+def _errors(val_before, val_after, sample_before, sample_after):
+    text = f"one-call error {val_before:.5g} -> {val_after:.5g}"
+    return text if sample_before is None else text + f", sample error {sample_before:.5g} -> {sample_after:.5g}"
+
+
+def report_lines(record):
+    """What a block's record says, for the log: its bias correction and its steps, each with its verdict."""
+    if record.steps == 0 and record.bias_shift is None:
+        return [f"block loss {record.loss_start:.4e}, nothing to tune (no trainable weights, or already equal to "
+                "the ANN block): left as it was"]
+    lines = []
+    if record.bias_shift is not None:
+        lines.append(f"bias correction (RMS shift {record.bias_shift:.3e}), " + _errors(
+            record.val_before, record.bias_val, record.sample_before, record.bias_sample) +
+            (": kept" if record.bias_kept else ": reverted"))
+    if record.steps:
+        val_from, sample_from = record.steps_from()
+        lines.append(f"block loss {record.loss_start:.4e} -> {record.loss_end:.4e}, " + _errors(
+            val_from, record.val_after, sample_from, record.sample_after) + (": kept" if record.kept else ": reverted"))
+    return lines
 
 
 def shared_error(rt, compute):
@@ -215,6 +248,38 @@ def make_validator(ft_run, data_dir):
         return shared_error(ft_run.rt, lambda: agreement.relative_error(agreement.predictions(model, x_t, t), ann_out))
     per_rank = ft_run.ft_cfg.batch_size // ft_run.rt.world_size
     return validate, (x_t[:per_rank], t[:per_rank])
+
+
+def make_sample_error(ft_run):
+    """sample_error() -> the relative error of the SNN's images to the ANN's from fixed noise
+    (``agreement.SampleJudge``, DDIM ``judge_steps`` steps, ``judge_eta``), or None for
+    ``--judge_images=0``."""
+    ft_cfg, rt = ft_run.ft_cfg, ft_run.rt
+    if ft_cfg.judge_images == 0:
+        return None
+    _, sampler = build_sampler(ft_run.cfg, configs.SamplerConfig("ddim", ft_cfg.judge_steps, ft_cfg.judge_eta),
+                               rt.device)
+    judge = None
+    if rt.is_main:  # rank 0 judges; shared_error hands its number to every rank
+        size = ft_run.cfg.data.img_size
+        x_T = torch.randn(ft_cfg.judge_images, 3, size, size,
+                          generator=runtime.generator(runtime.derived_seed(ft_cfg.seed, 3)))
+        judge = agreement.SampleJudge(sampler, x_T.to(rt.device), runtime.derived_seed(ft_cfg.seed, 4), ft_run.ann)
+    model = runtime.data_parallel(ft_run.snn, FLAGS.parallel and not rt.distributed)
+    return lambda: shared_error(rt, lambda: judge(model))
+
+
+def make_calibration(ft_run, dataset):
+    """The calibration batch of bias correction (the same on every rank), or None when it is off."""
+    ft_cfg = ft_run.ft_cfg
+    if not ft_cfg.bias_correction:
+        return None
+    diffusion, _ = build_sampler(ft_run.cfg, configs.SamplerConfig(), ft_run.rt.device)
+    try:
+        return calibrate.calibration_batch(dataset, ft_cfg.calib_size, diffusion,
+                                           runtime.derived_seed(ft_cfg.seed, 5), ft_run.rt.device)
+    except ValueError as err:
+        raise UserError(f"--calib_size={ft_cfg.calib_size}: {err}") from None
 
 
 def make_batches(ft_run, dataset):
@@ -263,10 +328,15 @@ def main(argv):
         for sub in ("", "model_backpacks", "ft_blocks_samples"):
             remove_stale_temporaries(os.path.join(ft_run.out_dir, sub))
     validate, probe = make_validator(ft_run, FLAGS.data_dir)
+    sample_error = make_sample_error(ft_run)
     if ft_run.state["next_block"] == 0:
         ft_run.state["converted_error"] = ft_run.state["val_error"] = validate()
+        ft_run.state["converted_sample_error"] = ft_run.state["sample_error"] = \
+            None if sample_error is None else sample_error()
         if rt.is_main:
-            print(f"converted SNN: relative error to the ANN {ft_run.state['converted_error']:.5f}")
+            converted = ft_run.state["converted_sample_error"]
+            print(f"converted SNN: one-call error to the ANN {ft_run.state['converted_error']:.5g}" +
+                  ("" if converted is None else f", sample error {converted:.5g}"))
             ft_run.sample_grid(ft_run.ann, "ann")
             ft_run.sample_grid(ft_run.snn, "converted")
     n_blocks = len(ft_run.snn.blocks())
@@ -278,9 +348,9 @@ def main(argv):
     dataset = data.load_dataset(ft_run.cfg.data.dataset, FLAGS.data_dir, ft_run.cfg.data.img_size)
     recorder = Recorder(ft_run)
     tuner = finetune.Tuner(ft_run.snn, ft_run.ann, ft_run.ft_cfg, validate, probe, rt.world_size,
-                           recorder.on_step, recorder.on_block)
+                           recorder.on_step, recorder.on_block, sample_error, make_calibration(ft_run, dataset))
     tuner.run(make_batches(ft_run, dataset), start_block=ft_run.state["next_block"],
-              val_error=ft_run.state["val_error"])
+              val_error=ft_run.state["val_error"], sample_error=ft_run.state.get("sample_error"))
     ft_run.finish()
     if recorder.writer is not None:
         recorder.writer.close()

@@ -101,7 +101,12 @@ class FinetuneConfig:
     ft_steps: int = 20000               # steps per block
     batch_size: int = 128
     grad_clip: float = 1.0              # 0: no clipping
-    val_size: int = 128                 # held-out pairs that decide keep or revert
+    val_size: int = 128                 # held-out pairs of the one-call error that keep-or-revert judges by
+    judge_images: int = 64              # images of the sampling run it judges by too (0: the one-call error alone)
+    judge_steps: int = 10               # DDIM steps of that run
+    judge_eta: float = 1.0              # its DDIM eta (1: stochastic, as the evaluation samples; fixed noise)
+    bias_correction: bool = True        # shift each block's output bias by its mean ANN-SNN difference first
+    calib_size: int = 256               # (x_t, t) pairs of the calibration batch of bias correction
     seed: int = 0
 
 

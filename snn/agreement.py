@@ -3,7 +3,8 @@
 Stage 2 (``conversion.json``) and stage 3 (``finetune.json``) both report the relative L2 error
 of the SNN's noise prediction against the ANN's on one held-out batch (``validation_batch``):
 the same images, steps and noise for the same ``val_size`` and ``seed``, evaluated in chunks of
-``CHUNK``, so the two files give the same number for the same SNN.
+``CHUNK``, so the two files give the same number for the same SNN. Stage 3 also judges by the
+error of a short sampling run from fixed noise (``SampleJudge``).
 """
 import torch
 
@@ -58,3 +59,24 @@ def errors_by_quarter(out, ref, t):
         rows.append({"t_min": int(t[part[0]]), "t_max": int(t[part[-1]]),
                      "relative_error": relative_error(out[part], ref[part])})
     return rows
+
+
+class SampleJudge:
+    """The relative L2 error of a model's images against its ANN's, from the same fixed noise.
+
+    ``sampler(model, x_T, generator)`` draws images [N, 3, H, W] from ``x_T``; the sampler's own
+    noise (DDIM with eta > 0) comes from a generator seeded with ``seed`` afresh at every call,
+    so a model's error is a function of the model alone. The ANN's images are drawn once.
+    """
+
+    def __init__(self, sampler, x_T, seed, ann):
+        self.sampler, self.x_T, self.seed = sampler, x_T, seed
+        self.reference = self.images(ann)
+
+    @torch.no_grad()
+    def images(self, model):
+        generator = torch.Generator(device=self.x_T.device).manual_seed(self.seed)
+        return self.sampler(model, self.x_T, generator)
+
+    def __call__(self, model):
+        return relative_error(self.images(model), self.reference)

@@ -13,8 +13,12 @@ For block k, with the blocks before it already tuned, every step
    version of block k -- the same parameters with quantized ReLUs -- evaluated on the time-mean
    input (straight-through: value of the SNN, gradient of the ANN); MSE against the target.
 
-Thresholds (``act_alpha``) stay frozen. After the steps, the block keeps its new weights only if
-a fixed held-out batch says the whole SNN got closer to the ANN; otherwise they are reverted.
+Thresholds (``act_alpha``) stay frozen. Before the steps, bias correction (``snn.calibrate``)
+may shift the block's output bias by the mean ANN-SNN difference of its output. Each change of a
+block (the correction, then the steps) is kept only when neither of two errors of the whole SNN
+against the ANN grows and one falls: the one-call error on a fixed held-out batch, and the error
+of the images of a short sampling run from fixed noise, which sees the biases a sampler adds up
+over its steps; otherwise the block is restored bit for bit.
 """
 import time
 from dataclasses import asdict, dataclass
@@ -25,50 +29,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from snn import calibrate
+from snn.capture import block_inputs, block_output
 from snn.neuron import IFNeuron, time_mean, unfold
-
-
-class _Captured(Exception):
-    """Raised by a capture hook to stop the forward pass once the block's tensors are taken."""
-
-
-def _run_until_captured(model, module, x, t, register):
-    store = {}
-    handle = register(module, store)
-    try:
-        model(x, t)
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
-    if not store:
-        raise RuntimeError("the block was not reached by the model's forward pass")
-    return store
-
-
-def block_inputs(model, block, x, t):
-    """The positional and keyword inputs ``block`` receives when ``model(x, t)`` runs.
-
-    For a ``SpikingUNet`` these are time-major folded tensors ``[T*B, ...]`` (e.g. a ResBlock's
-    ``(h, temb)``, an up ResBlock's ``h`` already concatenated with its skip tensor). The forward
-    stops at the block: nothing after it is computed. Returns ``(args, kwargs)``.
-    """
-    def register(module, store):
-        def hook(_, args, kwargs):
-            store["inputs"] = (args, kwargs)
-            raise _Captured
-        return module.register_forward_pre_hook(hook, with_kwargs=True)
-    return _run_until_captured(model, block, x, t, register)["inputs"]
-
-
-def block_output(model, block, x, t):
-    """The output of ``block`` when ``model(x, t)`` runs; the forward stops right after it."""
-    def register(module, store):
-        def hook(_, args, output):
-            store["output"] = output
-            raise _Captured
-        return module.register_forward_hook(hook)
-    return _run_until_captured(model, block, x, t, register)["output"]
 
 
 def decode_input(value, T):
@@ -187,32 +150,65 @@ def revert(block, state):
     block.load_state_dict(state)
 
 
+@dataclass(frozen=True)
+class Errors:
+    """How far the whole SNN is from its ANN, as keep-or-revert judges it: ``val``, the relative
+    error of one network call on the held-out batch, and ``sample``, the relative error of the
+    images of a short sampling run from fixed noise (None: the run judges by ``val`` alone)."""
+    val: float
+    sample: Optional[float] = None
+
+    def improved_by(self, after):
+        """True when the errors ``after`` a change let neither error grow and lower at least one."""
+        pairs = [(self.val, after.val)] + ([] if self.sample is None else [(self.sample, after.sample)])
+        return all(a <= b for b, a in pairs) and any(a < b for b, a in pairs)
+
+
 @dataclass
 class BlockRecord:
-    """What fine-tuning block ``name`` did (one entry of ``finetune.json``)."""
+    """What fine-tuning block ``name`` did (one entry of ``finetune.json``).
+
+    Bias correction is judged first, against the errors the block started from; the gradient
+    steps then start from whatever was kept and are judged against its errors.
+    """
     index: int
     name: str
     loss_start: float   # block MSE on the fixed probe batch before tuning
-    loss_end: float     # ... after tuning (before the keep/revert decision)
-    val_before: float   # whole-SNN relative L2 error vs the ANN before tuning the block
-    val_after: float    # ... with the tuned block
-    kept: bool          # val_after < val_before: the tuned weights stay; otherwise reverted
-    steps: int          # steps taken: ft_steps, or 0 for a block left as it was (nothing to tune)
+    loss_end: float     # ... after the gradient steps (before their keep/revert decision)
+    val_before: float   # whole-SNN one-call error vs the ANN when the block starts
+    val_after: float    # ... with the gradient steps (where none ran: the errors they would start from)
+    kept: bool          # the gradient steps stay (no error grew, one fell); otherwise reverted
+    steps: int          # gradient steps taken: ft_steps, or 0 (none asked for, or nothing to tune)
     lr: float
     wall_s: float
+    sample_before: Optional[float] = None  # whole-SNN sample error vs the ANN when the block starts
+    sample_after: Optional[float] = None   # ... with the gradient steps
+    bias_shift: Optional[float] = None     # RMS over channels of the bias correction (None: not corrected)
+    bias_val: Optional[float] = None       # one-call error with the bias correction
+    bias_sample: Optional[float] = None    # sample error with the bias correction
+    bias_kept: bool = False                # the correction stays; otherwise reverted
+    val_end: Optional[float] = None        # the errors the block leaves the SNN with
+    sample_end: Optional[float] = None
 
     def as_dict(self):
         return asdict(self)
+
+    def steps_from(self):
+        """(one-call, sample) errors the gradient steps started from and were judged against."""
+        return (self.bias_val, self.bias_sample) if self.bias_kept else (self.val_before, self.sample_before)
 
 
 @dataclass
 class Tuner:
     """Block-wise tuning of ``snn`` against ``ann`` with the settings of a ``FinetuneConfig``.
 
-    ``validate()`` returns the whole SNN's relative error to the ANN on a fixed held-out batch
-    (the same number on every rank); ``probe`` is a fixed (x_t, t) batch for the block loss
-    before and after. ``on_step(pair, step, loss)`` runs after every step, ``on_block(record,
-    val_error)`` after every block (checkpoints, samples, logs).
+    ``validate()`` returns the whole SNN's relative one-call error to the ANN on a fixed held-out
+    batch, ``sample_error()`` (optional) the relative error of its images from a short sampling
+    run from fixed noise (both the same number on every rank); a change of a block is kept only
+    when neither grows and one falls. ``probe`` is a fixed (x_t, t) batch for the block loss
+    before and after; ``calibration`` the (x_t, t) batch of bias correction (needed when
+    ``cfg.bias_correction``). ``on_step(pair, step, loss)`` runs after every step,
+    ``on_block(record, val_error)`` after every block (checkpoints, samples, logs).
     """
     snn: torch.nn.Module
     ann: torch.nn.Module
@@ -222,6 +218,12 @@ class Tuner:
     world_size: int = 1
     on_step: Optional[Callable] = None
     on_block: Optional[Callable] = None
+    sample_error: Optional[Callable[[], float]] = None
+    calibration: Optional[tuple] = None
+
+    def __post_init__(self):
+        if self.cfg.bias_correction and self.calibration is None:
+            raise ValueError("bias correction needs a calibration batch (x_t, t)")
 
     def step(self, pair, x_t, t, optim, params):
         """One Adam step of ``pair``'s SNN block on (x_t [B, 3, H, W], t [B]); returns the loss."""
@@ -238,48 +240,88 @@ class Tuner:
         with torch.no_grad():
             return block_loss(self.snn, self.ann, pair, *self.probe).item()
 
-    def tune_block(self, pair, batches, val_before):
-        """Tune one block, then keep it if ``validate()`` fell below ``val_before``, else revert.
+    def judge(self):
+        """The whole SNN's ``Errors`` now."""
+        return Errors(self.validate(), None if self.sample_error is None else self.sample_error())
 
-        ``batches`` yields (x_t, t). A block without trainable parameters, or one that already
-        equals its ANN block on the probe batch (``block_mismatch`` below ``MATCHED``: nothing to
-        learn, and Adam would only walk its weights about), is left as it is (``steps`` 0).
-        Returns a ``BlockRecord``; the SNN holds the kept (or restored, bit for bit) weights.
-        """
-        start, params, saved = time.time(), trainable_parameters(pair.snn_block), snapshot(pair.snn_block)
-        loss_start = self.probe_loss(pair)
-        if not params or self.cfg.ft_steps == 0 or \
-                block_mismatch(self.snn, self.ann, pair, *self.probe, loss=loss_start) < MATCHED:
-            return BlockRecord(pair.index, pair.name, loss_start, loss_start, val_before, val_before, False, 0,
-                               self.cfg.lr, round(time.time() - start, 2))
-        optim = torch.optim.Adam(params, lr=self.cfg.lr)
-        for step in range(self.cfg.ft_steps):
-            loss = self.step(pair, *next(batches), optim, params)
-            if self.on_step is not None:
-                self.on_step(pair, step, loss)
-        loss_end = self.probe_loss(pair)
-        val_after = self.validate()
-        kept = val_after < val_before
+    def try_change(self, pair, change, current):
+        """Run ``change()`` on ``pair``'s SNN block and keep it if ``current.improved_by`` the
+        errors it gives; otherwise restore the block bit for bit. Returns (those errors, kept)."""
+        saved = snapshot(pair.snn_block)
+        change()
+        after = self.judge()
+        kept = current.improved_by(after)
         if not kept:
             revert(pair.snn_block, saved)
-        return BlockRecord(pair.index, pair.name, loss_start, loss_end, val_before, val_after, kept,
-                           self.cfg.ft_steps, self.cfg.lr, round(time.time() - start, 2))
+        return after, kept
 
-    def run(self, batches_for, start_block=0, val_error=None):
+    def correct_bias(self, pair, current, record):
+        """Bias correction of ``pair`` (``snn.calibrate``), judged; returns the errors it leaves."""
+        shift = []
+        after, kept = self.try_change(pair, lambda: shift.append(calibrate.correct_bias(
+            self.snn, self.ann, pair, *self.calibration, world_size=self.world_size)), current)
+        record.bias_shift = float(shift[0].double().pow(2).mean().sqrt())
+        record.bias_val, record.bias_sample, record.bias_kept = after.val, after.sample, kept
+        return after if kept else current
+
+    def gradient_steps(self, pair, batches, current, record):
+        """``cfg.ft_steps`` Adam steps on ``pair``, judged; returns the errors they leave."""
+        params = trainable_parameters(pair.snn_block)
+
+        def steps():
+            optim = torch.optim.Adam(params, lr=self.cfg.lr)
+            for step in range(self.cfg.ft_steps):
+                loss = self.step(pair, *next(batches), optim, params)
+                if self.on_step is not None:
+                    self.on_step(pair, step, loss)
+            record.loss_end = self.probe_loss(pair)
+        after, kept = self.try_change(pair, steps, current)
+        record.val_after, record.sample_after, record.kept, record.steps = after.val, after.sample, kept, \
+            self.cfg.ft_steps
+        return after if kept else current
+
+    def tune_block(self, pair, batches, val_before, sample_before=None):
+        """Bias-correct, then tune one block, each change kept only if the errors say so.
+
+        ``batches`` yields (x_t, t); ``val_before`` and ``sample_before`` are the SNN's errors now.
+        A block without trainable parameters, or one that already equals its ANN block on the
+        probe batch (``block_mismatch`` below ``MATCHED``: nothing to learn, and Adam would only
+        walk its weights about), is left as it is (``steps`` 0, no correction). Returns a
+        ``BlockRecord``; the SNN holds the kept (or restored, bit for bit) weights.
+        """
+        start, current = time.time(), Errors(val_before, sample_before)
+        loss_start = self.probe_loss(pair)
+        record = BlockRecord(pair.index, pair.name, loss_start, loss_start, val_before, val_before, False, 0,
+                             self.cfg.lr, 0.0, sample_before, sample_before)
+        if trainable_parameters(pair.snn_block) and (self.cfg.bias_correction or self.cfg.ft_steps > 0) and \
+                block_mismatch(self.snn, self.ann, pair, *self.probe, loss=loss_start) >= MATCHED:
+            if self.cfg.bias_correction:
+                current = self.correct_bias(pair, current, record)
+            if self.cfg.ft_steps > 0:
+                current = self.gradient_steps(pair, batches, current, record)
+        if record.steps == 0:
+            record.val_after, record.sample_after = current.val, current.sample
+        record.val_end, record.sample_end = current.val, current.sample
+        record.wall_s = round(time.time() - start, 2)
+        return record
+
+    def run(self, batches_for, start_block=0, val_error=None, sample_error=None):
         """Tune every block from ``start_block`` on, in forward order; returns the ``BlockRecord``s.
 
-        ``batches_for(index)`` gives block ``index``'s stream of (x_t, t) batches; ``val_error`` is
-        the current validation error (computed when None).
+        ``batches_for(index)`` gives block ``index``'s stream of (x_t, t) batches; ``val_error``
+        and ``sample_error`` are the SNN's current errors (computed when None).
         """
         self.snn.eval()
         self.ann.eval()
         freeze_thresholds(self.snn)
         self.ann.requires_grad_(False)
         val_error = self.validate() if val_error is None else val_error
+        if sample_error is None and self.sample_error is not None:
+            sample_error = self.sample_error()
         records = []
         for pair in block_pairs(self.snn, self.ann)[start_block:]:
-            record = self.tune_block(pair, batches_for(pair.index), val_error)
-            val_error = record.val_after if record.kept else val_error
+            record = self.tune_block(pair, batches_for(pair.index), val_error, sample_error)
+            val_error, sample_error = record.val_end, record.sample_end
             records.append(record)
             if self.on_block is not None:
                 self.on_block(record, val_error)

@@ -14,7 +14,8 @@ from diffusion import GaussianDiffusion
 from helpers import unet
 from model.unet import ResBlock
 from quant import QuantReLU
-from snn import agreement
+from diffusion import DDIMSampler
+from snn import agreement, calibrate
 from snn import finetune as ft
 from snn.convert import convert
 from snn.neuron import time_mean
@@ -132,8 +133,10 @@ def test_straight_through_has_snn_value_and_ann_gradient(neuron, norm):
             torch.testing.assert_close(p.grad, twin_params[name].grad)
 
 
-def tuner(ann, snn, validate=lambda: 1.0, lr=1e-3, steps=5, probe=None, grad_clip=1.0, **kw):
-    cfg = FinetuneConfig(lr=lr, ft_steps=steps, grad_clip=grad_clip)
+def tuner(ann, snn, validate=lambda: 1.0, lr=1e-3, steps=5, probe=None, grad_clip=1.0, bias_correction=False,
+          **kw):
+    """A ``Tuner`` of the tiny pair; without bias correction (and sample errors) unless asked for."""
+    cfg = FinetuneConfig(lr=lr, ft_steps=steps, grad_clip=grad_clip, bias_correction=bias_correction)
     return ft.Tuner(snn, ann, cfg, validate, probe or noisy_batch(), **kw)
 
 
@@ -263,6 +266,196 @@ def test_a_whole_run_never_ends_worse_than_it_started():
     assert final == current <= converted
 
 
+# --- bias correction ------------------------------------------------------------------------------
+
+def calibration(n=64, size=8, seed=9):
+    g = torch.Generator().manual_seed(seed)
+    return ft.draw_batch(torch.rand(n, 3, size, size, generator=g) * 2 - 1, GaussianDiffusion(1e-4, 0.02, T_DIFF), g)
+
+
+@torch.no_grad()
+def test_output_bias_is_added_last_in_every_block():
+    """Adding c to a block's ``output_bias`` moves that block's output by exactly c at every
+    element, for its own inputs held fixed (what bias correction relies on)."""
+    ann, _ = tiny_pair()
+    x, t = noisy_batch()
+    for pair in ft.block_pairs(ann, ann):
+        args, kwargs = ft.block_inputs(ann, pair.ann_block, x, t)
+        before = pair.ann_block(*args, **kwargs)
+        bias = calibrate.output_bias(pair.ann_block)
+        shift = torch.arange(bias.numel(), dtype=bias.dtype) / 8 - 1  # a different c per channel
+        bias.add_(shift)
+        moved = pair.ann_block(*args, **kwargs) - before
+        bias.sub_(shift)
+        expected = shift.view(1, -1, *[1] * (moved.dim() - 2)).expand_as(moved)
+        torch.testing.assert_close(moved, expected, rtol=0, atol=1e-5, msg=pair.name)
+
+
+def block_mean_differences(snn, ann, batch):
+    return {p.name: calibrate.mean_difference(snn, ann, p, *batch) for p in ft.block_pairs(snn, ann)}
+
+
+@pytest.mark.parametrize("neuron,norm", [("if", "step"), ("signed", "step")])
+def test_bias_correction_zeroes_each_blocks_mean_difference(neuron, norm):
+    """One pass in forward order: a block's input depends on the blocks before it only, and its
+    correction shifts its time-mean output by exactly the mean difference, so afterwards every
+    block's per-channel mean ANN-SNN difference on the calibration batch is zero to rounding.
+    Only the output biases change."""
+    ann, snn = tiny_pair(neuron=neuron, norm=norm)
+    batch = calibration()
+    before = block_mean_differences(snn, ann, batch)
+    state = {k: v.clone() for k, v in snn.state_dict().items()}
+    biases = set()
+    for pair in ft.block_pairs(snn, ann):
+        calibrate.correct_bias(snn, ann, pair, *batch, chunk=24)  # chunks of 24: 64 is no multiple
+        biases.add(next(k for k, v in snn.named_parameters() if v is calibrate.output_bias(pair.snn_block)))
+    after = block_mean_differences(snn, ann, batch)
+    assert max(float(d.abs().max()) for d in before.values()) > 1e-2, "the SNN must have a bias to correct"
+    for name, diff in after.items():
+        assert float(diff.abs().max()) < 1e-6, (name, diff)
+    changed = {k for k, v in snn.state_dict().items() if not torch.equal(v, state[k])}
+    assert changed and changed <= biases
+
+
+@torch.no_grad()
+def test_bias_correction_moves_the_block_output_by_its_shift():
+    """The identity for the block itself: with its input held fixed, the SNN block's time-mean
+    output moves by the shift at every element, so its mean difference to the ANN becomes 0."""
+    ann, snn = tiny_pair()
+    batch = calibration()
+    pair = ft.block_pairs(snn, ann)[5]
+    args, _ = ft.block_inputs(snn, pair.snn_block, *batch)
+    before = time_mean(pair.snn_block(*args), snn.time_steps)
+    diff = ft.block_output(ann, pair.ann_block, *batch) - before
+    shift = calibrate.correct_bias(snn, ann, pair, *batch)
+    torch.testing.assert_close(shift.double(), diff.double().mean((0, 2, 3)))
+    moved = time_mean(pair.snn_block(*args), snn.time_steps) - before
+    rounding = 1e-6 * float(before.abs().max())  # float32 rounding of outputs of that size
+    torch.testing.assert_close(moved, shift.view(1, -1, 1, 1).expand_as(moved), rtol=0, atol=rounding)
+    assert float(shift.abs().max()) > 1e3 * rounding
+
+
+def test_calibration_batch_is_fixed_and_drawn_as_training_batches():
+    data = [(torch.full((3, 4, 4), float(i) / 50 - 1), 0) for i in range(50)]
+    diffusion = GaussianDiffusion(1e-4, 0.02, T_DIFF)
+    a = calibrate.calibration_batch(data, 40, diffusion, seed=5)
+    b = calibrate.calibration_batch(data, 40, diffusion, seed=5)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[0].shape == (40, 3, 4, 4)
+    assert not torch.equal(a[1], calibrate.calibration_batch(data, 40, diffusion, seed=6)[1])
+    assert len(set(a[1].tolist())) > 20 and 0 <= int(a[1].min()) and int(a[1].max()) < T_DIFF
+    with pytest.raises(ValueError):
+        calibrate.calibration_batch(data, 51, diffusion, seed=5)
+
+
+# --- keep or revert by two errors --------------------------------------------------------------------
+
+def test_a_change_is_kept_when_no_error_grows_and_one_falls():
+    start = ft.Errors(0.5, 0.3)
+    assert start.improved_by(ft.Errors(0.4, 0.3)) and start.improved_by(ft.Errors(0.5, 0.2))
+    assert start.improved_by(ft.Errors(0.4, 0.2))
+    assert not start.improved_by(ft.Errors(0.4, 0.31))   # one falls, the other grows
+    assert not start.improved_by(ft.Errors(0.51, 0.2))
+    assert not start.improved_by(ft.Errors(0.5, 0.3))    # nothing fell
+    assert ft.Errors(0.5).improved_by(ft.Errors(0.4)) and not ft.Errors(0.5).improved_by(ft.Errors(0.5))
+
+
+@pytest.mark.parametrize("val,sample", [(0.5, 2.0), (2.0, 0.5)])
+def test_steps_that_lower_one_error_and_raise_the_other_are_reverted(val, sample):
+    ann, snn = tiny_pair()
+    ft.freeze_thresholds(snn)
+    ann.requires_grad_(False)
+    pair = ft.block_pairs(snn, ann)[5]
+    original = ft.snapshot(pair.snn_block)
+    batches = batches_for_tiny(GaussianDiffusion(1e-4, 0.02, T_DIFF))(0)
+    record = tuner(ann, snn, validate=lambda: val, sample_error=lambda: sample).tune_block(pair, batches, 1.0, 1.0)
+    assert record.steps == 5 and not record.kept and (record.val_after, record.sample_after) == (val, sample)
+    assert (record.val_end, record.sample_end) == (1.0, 1.0)
+    assert record.loss_end != record.loss_start  # the steps did change the block before it was reverted
+    for key, value in pair.snn_block.state_dict().items():
+        assert torch.equal(value, original[key]), key
+    kept = tuner(ann, snn, validate=lambda: 0.9, sample_error=lambda: 1.0).tune_block(pair, batches, 1.0, 1.0)
+    assert kept.kept and (kept.val_end, kept.sample_end) == (0.9, 1.0)
+    assert any(not torch.equal(v, original[k]) for k, v in pair.snn_block.state_dict().items())
+
+
+def test_bias_correction_is_judged_first_and_the_steps_on_top_of_what_was_kept():
+    """A correction that lowers the one-call error but raises the sample error is reverted bit for
+    bit; one that lowers both is kept, and the steps are judged against its errors (and, when
+    they make one worse, reverted to the corrected block)."""
+    ann, snn = tiny_pair()
+    ft.freeze_thresholds(snn)
+    ann.requires_grad_(False)
+    pair = ft.block_pairs(snn, ann)[5]
+    original = ft.snapshot(pair.snn_block)
+    batches = batches_for_tiny(GaussianDiffusion(1e-4, 0.02, T_DIFF))(0)
+
+    def judged_by(*errors):
+        """validate() and sample_error() returning the given (val, sample) pairs in turn."""
+        vals, samples = iter([e[0] for e in errors]), iter([e[1] for e in errors])
+        return dict(validate=lambda: next(vals), sample_error=lambda: next(samples))
+    worse = tuner(ann, snn, steps=0, bias_correction=True, calibration=calibration(),
+                  **judged_by((0.8, 1.2))).tune_block(pair, batches, 1.0, 1.0)
+    assert worse.bias_shift > 0 and not worse.bias_kept and (worse.bias_val, worse.bias_sample) == (0.8, 1.2)
+    assert worse.steps == 0 and (worse.val_end, worse.sample_end) == (1.0, 1.0)
+    for key, value in pair.snn_block.state_dict().items():
+        assert torch.equal(value, original[key]), key
+    both = tuner(ann, snn, steps=3, bias_correction=True, calibration=calibration(),
+                 **judged_by((0.8, 0.8), (0.85, 0.7))).tune_block(pair, batches, 1.0, 1.0)
+    assert both.bias_kept and both.steps_from() == (0.8, 0.8)
+    assert not both.kept and (both.val_end, both.sample_end) == (0.8, 0.8)
+    bias = calibrate.output_bias(pair.snn_block)
+    name = next(k for k, v in pair.snn_block.named_parameters() if v is bias)
+    changed = {k for k, v in pair.snn_block.state_dict().items() if not torch.equal(v, original[k])}
+    assert changed == {name}, "the steps were reverted to the corrected block: only its bias differs"
+
+
+def tiny_judge(ann, n=8, steps=5, eta=1.0):
+    sampler = DDIMSampler(GaussianDiffusion(1e-4, 0.02, T_DIFF), steps, eta, False)
+    return agreement.SampleJudge(sampler, torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(2)), 3, ann)
+
+
+def test_sample_judge_is_a_function_of_the_model():
+    """The same fixed noise (x_T and the sampler's) at every call: the ANN is 0 from itself, an
+    SNN the same number every time; other sampler noise gives other images."""
+    ann, snn = tiny_pair()
+    judge = tiny_judge(ann)
+    assert judge(ann) == 0.0
+    error = judge(snn)
+    assert error > 1e-3 and judge(snn) == error
+    other = agreement.SampleJudge(judge.sampler, judge.x_T, 4, ann)
+    assert agreement.relative_error(other.reference, judge.reference) > 1e-2
+
+
+def test_a_whole_run_with_both_errors_never_ends_worse_in_either():
+    """Bias correction and steps on every block, judged by the held-out error and the sample
+    error of real sampling runs: every decision follows the rule, each block starts from the
+    errors the one before left, and the run ends no worse in either error than it started."""
+    ann, snn = tiny_pair(seed=3)
+    diffusion = GaussianDiffusion(1e-4, 0.02, T_DIFF)
+    g = torch.Generator().manual_seed(7)
+    val_x, val_t = ft.draw_batch(torch.rand(32, 3, 8, 8, generator=g) * 2 - 1, diffusion, g)
+    ann_out = agreement.predictions(ann, val_x, val_t)
+    judge = tiny_judge(ann)
+
+    def validate():
+        return agreement.relative_error(agreement.predictions(snn, val_x, val_t), ann_out)
+
+    converted = ft.Errors(validate(), judge(snn))
+    records = tuner(ann, snn, validate=validate, sample_error=lambda: judge(snn), steps=5, bias_correction=True,
+                    calibration=calibration(), probe=(val_x[:16], val_t[:16])).run(batches_for_tiny(diffusion))
+    current = converted
+    for r in records:
+        assert (r.val_before, r.sample_before) == (current.val, current.sample)
+        if r.bias_shift is not None:
+            assert r.bias_kept == current.improved_by(ft.Errors(r.bias_val, r.bias_sample))
+        if r.steps:
+            assert r.kept == ft.Errors(*r.steps_from()).improved_by(ft.Errors(r.val_after, r.sample_after))
+        current = ft.Errors(r.val_end, r.sample_end)
+    assert (validate(), judge(snn)) == (current.val, current.sample)
+    assert current.val <= converted.val and current.sample <= converted.sample
+    assert sum(r.bias_shift is not None for r in records) >= len(records) - 2  # all but the exact two
+
+
 def test_validation_batch_is_fixed_and_spread():
     data = [(torch.full((3, 4, 4), float(i) / 50 - 1), 0) for i in range(50)]
     diffusion = GaussianDiffusion(1e-4, 0.02, T_DIFF)
@@ -314,6 +507,12 @@ def test_script_end_to_end_resume_and_skip(trained_logdir):
     assert result["finished"] and [b["index"] for b in result["blocks"]] == list(range(n))
     assert result["final_error"] <= result["converted_error"]
     assert result["neuron"] == "if" and result["settings"]["ft_steps"] == 2 and result["val_size"] == 4
+    assert result["settings"]["bias_correction"] and result["settings"]["judge_images"] == 64
+    assert 0 < result["final_sample_error"] <= result["converted_sample_error"]
+    blocks = result["blocks"]
+    assert all(b["sample_before"] is not None and b["sample_end"] is not None for b in blocks)
+    assert all((b["bias_shift"] is None) == (b["steps"] == 0) for b in blocks)  # tuned blocks are corrected first
+    assert blocks[-1]["val_end"] == result["final_error"] and blocks[-1]["sample_end"] == result["final_sample_error"]
     backpacks = out_dir / "model_backpacks"
     assert len(os.listdir(backpacks)) == n
     assert len(os.listdir(out_dir / "ft_blocks_samples")) == n + 2  # + ann.png, converted.png
@@ -340,6 +539,10 @@ def test_script_end_to_end_resume_and_skip(trained_logdir):
     result = json.loads((out_dir / "finetune.json").read_text())
     assert result["finished"] and len(result["blocks"]) == n and result["settings"]["ft_steps"] == 2
 
+    # the sample errors stored would not compare with those of another sampling run
+    assert_one_error_line(script("SNN_ft.py", f"--logdir={trained_logdir}", "--judge_images=3"),
+                          "--judge_images=3", "contradicts")
+
     ckpt = torch.load(trained_logdir / "ckpt.pt", weights_only=False)
     ckpt["step"] += 1  # another checkpoint now: the backpacks no longer belong to it
     torch.save(ckpt, trained_logdir / "ckpt.pt")
@@ -352,6 +555,12 @@ def assert_one_error_line(proc, *words):
     assert "Traceback" not in proc.stderr
     assert len([line for line in lines if line.startswith("error:")]) == 1, proc.stderr
     assert all(word in proc.stderr for word in words), proc.stderr
+
+
+def test_script_calibration_batch_larger_than_the_data_is_one_error_line(trained_logdir):
+    proc = script("SNN_ft.py", *FT_FLAGS, f"--logdir={trained_logdir}", "--tag=calib", "--calib_size=20000",
+                  "--judge_images=0")
+    assert_one_error_line(proc, "--calib_size=20000", "at least as many images")
 
 
 def test_script_without_checkpoint_is_one_error_line(tmp_path):
