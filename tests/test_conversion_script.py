@@ -120,10 +120,12 @@ def test_sign_shorthand_overrides_a_flagfiles_neuron(tmp_path):
 
 
 @pytest.mark.parametrize("flagfile,tag,mode", [("CIFAR10_snn.txt", "", ("graded", "compensated")),
-                                               ("CIFAR10_snn_seed.txt", "_seed", ("if", "step"))])
+                                               ("CIFAR10_snn_seed.txt", "_seed", ("if", "step")),
+                                               ("CIFAR10_snn_seed_signed.txt", "_seed_signed", ("signed", "step"))])
 def test_cifar10_flagfiles_convert_in_the_mode_they_name(tmp_path, flagfile, tag, mode):
     """The default flagfile converts in the exact mode; the seed's (a flagfile that includes the
-    default one and overrides it) in the seed's binary mode, beside it under its tag."""
+    default one and overrides it) in the binary mode of the seed's paper, or in the signed mode
+    of the seed's code, beside it under its tag."""
     write_ckpt(tmp_path)
     proc = convert_script(f"--flagfile={os.path.join(ROOT, 'config', 'SNN_convert', flagfile)}",
                           f"--logdir={tmp_path}", "--dataset=shapes", *SMALL_RUN)
