@@ -301,6 +301,9 @@ def start(logdir, rt):
     ann, cfg, _ = load_training_ann(ckpt_path, rt.device, cflags.kernels())
     cflags.model_config(cfg, ckpt_path)
     cflags.sampler_config(cfg.diffusion.T)  # a bad sampler setting fails before any work
+    if FLAGS.judge_steps > cfg.diffusion.T:
+        raise UserError(f"--judge_steps={FLAGS.judge_steps} exceeds the model's T={cfg.diffusion.T} diffusion "
+                        f"steps; give 1..{cfg.diffusion.T}")
     out_dir = os.path.join(logdir, cflags.tagged(f"SNN_{cfg.unet.bit}bit_ft"))
     if FLAGS.restart and rt.is_main:
         clear_outputs(out_dir)
@@ -321,30 +324,35 @@ def start(logdir, rt):
     return FinetuneRun(ann, snn, cfg, snn_cfg, ft_cfg, state, out_dir, rt)
 
 
+def measure_converted(ft_run, validate, sample_error):
+    """The converted SNN's errors, which the first block starts from, and the ANN's and its grids."""
+    state = ft_run.state
+    state["converted_error"] = state["val_error"] = validate()
+    state["converted_sample_error"] = state["sample_error"] = None if sample_error is None else sample_error()
+    if ft_run.rt.is_main:
+        converted = state["converted_sample_error"]
+        print(f"converted SNN: one-call error to the ANN {state['converted_error']:.5g}" +
+              ("" if converted is None else f", sample error {converted:.5g}"))
+        ft_run.sample_grid(ft_run.ann, "ann")
+        ft_run.sample_grid(ft_run.snn, "converted")
+
+
 def main(argv):
     rt = runtime.setup(FLAGS.seed)
     ft_run = start(cflags.logdir(), rt)
     if rt.is_main:
         for sub in ("", "model_backpacks", "ft_blocks_samples"):
             remove_stale_temporaries(os.path.join(ft_run.out_dir, sub))
-    validate, probe = make_validator(ft_run, FLAGS.data_dir)
-    sample_error = make_sample_error(ft_run)
-    if ft_run.state["next_block"] == 0:
-        ft_run.state["converted_error"] = ft_run.state["val_error"] = validate()
-        ft_run.state["converted_sample_error"] = ft_run.state["sample_error"] = \
-            None if sample_error is None else sample_error()
-        if rt.is_main:
-            converted = ft_run.state["converted_sample_error"]
-            print(f"converted SNN: one-call error to the ANN {ft_run.state['converted_error']:.5g}" +
-                  ("" if converted is None else f", sample error {converted:.5g}"))
-            ft_run.sample_grid(ft_run.ann, "ann")
-            ft_run.sample_grid(ft_run.snn, "converted")
     n_blocks = len(ft_run.snn.blocks())
     if ft_run.state["next_block"] >= n_blocks:
         if rt.is_main:
             print(f"all {n_blocks} blocks are already tuned (use --restart to tune again)")
         ft_run.finish()
         return runtime.teardown(rt)
+    validate, probe = make_validator(ft_run, FLAGS.data_dir)
+    sample_error = make_sample_error(ft_run)
+    if ft_run.state["next_block"] == 0:
+        measure_converted(ft_run, validate, sample_error)
     dataset = data.load_dataset(ft_run.cfg.data.dataset, FLAGS.data_dir, ft_run.cfg.data.img_size)
     recorder = Recorder(ft_run)
     tuner = finetune.Tuner(ft_run.snn, ft_run.ann, ft_run.ft_cfg, validate, probe, rt.world_size,
