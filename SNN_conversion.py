@@ -19,6 +19,7 @@ from common import flags as cflags
 from common.atomic import remove_stale_temporaries, write_json
 from common.errors import UserError, run
 from common.images import save_grid, side_by_side
+from common.lock import folder_lock
 from common.models import build_sampler, build_unet
 from common.progress import progress
 from snn import agreement
@@ -128,11 +129,12 @@ def main(argv):
     rt = runtime.setup(FLAGS.seed)
     logdir = cflags.logdir()
     if rt.is_main:
-        for folder in (logdir, os.path.join(logdir, "images")):
-            remove_stale_temporaries(folder)
-        result = convert_and_measure(logdir, rt.device)
-        report = os.path.join(logdir, cflags.tagged("conversion.json"))
-        write_json(result, report)
+        with folder_lock(logdir):
+            for folder in (logdir, os.path.join(logdir, "images")):
+                remove_stale_temporaries(folder)
+            result = convert_and_measure(logdir, rt.device)
+            report = os.path.join(logdir, cflags.tagged("conversion.json"))
+            write_json(result, report)
         stats = result["spike_stats"]
         print(f"noise prediction relative error {result['noise_relative_error']:.4f} (the ANN's own float32 vs "
               f"float64: {result['ann_float32_vs_float64']:.4f}; float64 SNN: {result['noise_relative_error_float64']:.2e}), "

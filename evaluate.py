@@ -10,6 +10,7 @@ from them; under torchrun the ranks share the shards), then rank 0 computes IS a
 the PSNR between SNN and ANN samples drawn from the same noise. One JSON line per run is
 appended to ``<logdir>/snn_eval.txt`` (``docs/formats.md``).
 """
+import contextlib
 import functools
 import json
 import math
@@ -21,11 +22,12 @@ import torch
 from absl import flags
 from PIL import Image
 
-from common import configs, runtime
+from common import checkpoint, configs, runtime
 from common import flags as cflags
-from common.atomic import remove_stale_temporaries
+from common.atomic import remove_stale_temporaries, write_error
 from common.errors import UserError, run
 from common.images import save_grid
+from common.lock import folder_lock
 from common.models import build_sampler
 from common.progress import progress
 from metrics import scores, shards
@@ -106,10 +108,13 @@ class Evaluation:
         net = runtime.data_parallel(model, FLAGS.parallel and not self.rt.distributed)
         return self.sampler(net, x_T, generator)
 
+    @property
+    def num_shards(self):
+        return -(-FLAGS.num_images // self.plan.shard_size)
+
     def generate(self):
         """This rank's shards (progress in images); returns (made, reused) shard counts."""
-        num_shards = -(-FLAGS.num_images // self.plan.shard_size)
-        mine, todo = shards.plan_shards(self.plan, num_shards, self.rt.rank, self.rt.world_size)
+        mine, todo = shards.plan_shards(self.plan, self.num_shards, self.rt.rank, self.rt.world_size)
         reused = len(mine) - len(todo)
         with progress(total=len(mine) * self.plan.shard_size, initial=reused * self.plan.shard_size, unit="img",
                       desc="sample", disable=not self.rt.is_main) as pbar:
@@ -141,7 +146,10 @@ class Evaluation:
 
     def agreement(self, snn_images, ann_path):
         """PSNR (dB) between the SNN's probe images and its ANN's from the same noise (or why not)."""
-        ann = load_model(ann_path, self.rt.device, cflags.kernels())
+        try:
+            ann = load_model(ann_path, self.rt.device, cflags.kernels())
+        except UserError as err:  # a file found beside the SNN (--ann_path was checked before sampling)
+            return {"ann_path": ann_path, "agreement_note": str(err)}
         mine = self.loaded.config
         if ann.kind != "ann" or (ann.config.unet, ann.config.diffusion) != (mine.unet, mine.diffusion):
             return {"ann_path": ann_path, "agreement_note": f"{ann_path} is not the ANN of this SNN"}
@@ -189,7 +197,13 @@ def write_images(images, folder):
     """Every image of uint8 [N, H, W, 3] as ``folder/00000.png`` ..."""
     os.makedirs(folder, exist_ok=True)
     for i, img in enumerate(progress(images, desc="png", unit="img")):
-        Image.fromarray(img).save(os.path.join(folder, f"{i:05d}.png"))
+        path = os.path.join(folder, f"{i:05d}.png")
+        try:
+            Image.fromarray(img).save(path)
+        except OSError as err:  # a full disk: no half-written PNG is left behind
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            raise write_error(path, err) from None
 
 
 def score(images, metrics):
@@ -234,6 +248,8 @@ def setup(rt):
     """The ``Evaluation`` of ``--eval_model_path``, every setting checked before any sampling."""
     loaded = load_model(FLAGS.eval_model_path, rt.device, cflags.kernels())
     cflags.model_config(loaded.config, FLAGS.eval_model_path)  # explicit flags must agree with it
+    if FLAGS.ann_path:
+        checkpoint.load_checkpoint(FLAGS.ann_path)  # a file that is no ANN checkpoint fails here, not after sampling
     sampler_cfg = cflags.sampler_config(loaded.config.diffusion.T)
     _, sampler = build_sampler(loaded.config, sampler_cfg)
     logdir = cflags.logdir()
@@ -247,6 +263,17 @@ def main(argv):
     rt = runtime.setup(FLAGS.seed)
     ev = setup(rt)
     metrics = prepare_metrics(ev.loaded.config, rt.device) if rt.is_main else None
+    # the shard folder is this run's to write into, unless every shard is there already (a finished
+    # run evaluated again only reads it)
+    writes = rt.is_main and bool(shards.missing_shards(ev.plan, range(ev.num_shards)))
+    with folder_lock(ev.plan.folder, enabled=writes):
+        evaluate(ev, metrics)
+    runtime.teardown(rt)
+
+
+def evaluate(ev, metrics):
+    """Generate the missing shards (every rank), then score and report them (rank 0)."""
+    rt = ev.rt
     if rt.is_main:
         for folder in (ev.logdir, ev.plan.folder, os.path.join(ev.logdir, "images")):
             remove_stale_temporaries(folder)
@@ -260,7 +287,6 @@ def main(argv):
                        "wall_s": round(time.time() - start, 1),
                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         report(record, os.path.join(ev.logdir, "snn_eval.txt"))
-    runtime.teardown(rt)
 
 
 if __name__ == "__main__":

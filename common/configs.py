@@ -111,13 +111,27 @@ def to_dict(cfg):
 
 
 def from_dict(cls, d):
-    """``cls`` from a plain dict; keys it does not know are ignored, missing ones take the defaults."""
+    """``cls`` from a plain dict; keys it does not know are ignored, missing ones take the defaults.
+
+    A value of the wrong type (a checkpoint from elsewhere) is a ValueError naming the field.
+    """
+    if not isinstance(d, dict):
+        raise ValueError(f"the {cls.__name__} section is a {type(d).__name__}, not a dict")
     known = {f.name: f for f in fields(cls)}
-    return cls(**{k: _typed(known[k], v) for k, v in d.items() if k in known})
+    return cls(**{k: _typed(cls, known[k], v) for k, v in d.items() if k in known})
 
 
-def _typed(f, value):
-    return tuple(value) if f.type is tuple or f.type == "tuple" else value
+_ACCEPTS = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}
+
+
+def _typed(cls, f, value):
+    """``value`` for field ``f`` (lists become tuples), or ValueError if it has the wrong type."""
+    if f.type is tuple:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+    elif isinstance(value, _ACCEPTS[f.type]) and (f.type is bool or not isinstance(value, bool)):
+        return value
+    raise ValueError(f"{cls.__name__}.{f.name} must be {f.type.__name__}, got {value!r}")
 
 
 def field_names(cls):

@@ -76,11 +76,16 @@ def load_shard(path, shard_size):
     return images if images.dtype == np.uint8 and len(images) == shard_size else None
 
 
+def missing_shards(plan, shards):
+    """The shards of ``shards`` (indices) that are not yet complete on disk."""
+    return [i for i in shards if load_shard(shard_path(plan.folder, i), plan.shard_size) is None]
+
+
 def plan_shards(plan, num_shards, rank=0, world_size=1):
     """(mine, todo): the shards rank ``rank`` owns (round-robin over ranks) and those not yet on disk."""
     os.makedirs(plan.folder, exist_ok=True)
     mine = list(range(rank, num_shards, world_size))
-    return mine, [i for i in mine if load_shard(shard_path(plan.folder, i), plan.shard_size) is None]
+    return mine, missing_shards(plan, mine)
 
 
 def make_shards(sample_fn, plan, todo, device, max_new=None, pbar=None):

@@ -48,7 +48,7 @@ def test_converts_samples_and_reports(tmp_path):
     assert loaded.kind == "snn" and isinstance(model, SpikingUNet)
     assert ckpt["config"]["unet"]["bit"] == 2 and ckpt["time_steps"] == 3 and model.neuron == "signed"
     assert ckpt["config"]["snn"] == {"neuron": "signed", "norm": "step"}
-    ann_state = torch.load(tmp_path / "ckpt.pt", weights_only=False)["ema_model"]
+    ann_state = torch.load(tmp_path / "ckpt.pt", weights_only=True)["ema_model"]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ann_state.items())
     for name in ("ann.png", "snn.png", "ann_vs_snn.png"):
         assert (tmp_path / "images" / name).stat().st_size > 0
@@ -143,5 +143,5 @@ def test_exact_mode_reports_the_float_floor(tmp_path):
     assert (report["neuron"], report["norm"]) == ("graded", "compensated")
     assert report["noise_relative_error_float64"] < 1e-12
     assert report["noise_relative_error"] <= 2 * report["ann_float32_vs_float64"] + 1e-5
-    assert torch.load(tmp_path / "converted_snn.pt", weights_only=False)["config"]["snn"] == \
+    assert torch.load(tmp_path / "converted_snn.pt", weights_only=True)["config"]["snn"] == \
         {"neuron": "graded", "norm": "compensated"}

@@ -340,7 +340,7 @@ def test_script_end_to_end_resume_and_skip(trained_logdir):
     result = json.loads((out_dir / "finetune.json").read_text())
     assert result["finished"] and len(result["blocks"]) == n and result["settings"]["ft_steps"] == 2
 
-    ckpt = torch.load(trained_logdir / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(trained_logdir / "ckpt.pt", weights_only=True)
     ckpt["step"] += 1  # another checkpoint now: the backpacks no longer belong to it
     torch.save(ckpt, trained_logdir / "ckpt.pt")
     assert_one_error_line(script("SNN_ft.py", *FT_FLAGS, f"--logdir={trained_logdir}"), "has changed", "--restart")
