@@ -49,8 +49,9 @@ flags.DEFINE_enum("fid", "auto", ["auto", "require", "skip"],
                        "else skip with the reason; require = fail before sampling when they are not; skip")
 flags.DEFINE_enum("features", "auto", list(scores.FEATURES),
                   help="feature network of the scores: inception (pytorch-gan-metrics, comparable with papers; "
-                       "grayscale images repeated to three channels), shapes (the project's network for the shapes data: FID, IS over its 6 classes and "
-                       "recognisability) or auto (shapes for the shapes data, else inception)")
+                       "grayscale images repeated to three channels), shapes (the project's network for the shapes "
+                       "data: FID, IS over its 6 classes and recognisability) or auto (shapes for the shapes data, "
+                       "else inception)")
 flags.DEFINE_string("fid_cache", None, help="reference statistics (.npz with mu, sigma); default: "
                     "stats/<dataset>[<size>px].train.npz (stats/cifar10.train.npz for CIFAR-10, written by "
                     "compute_fid_stats.py), the shapes network's file (made on first use) for shapes; a folder's "

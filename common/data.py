@@ -141,16 +141,18 @@ class _CelebAFolder(datasets.CelebA):
 
 
 def _mnist_layout(folder):
-    return f"{folder}/raw/ with train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, " \
-           "t10k-labels-idx1-ubyte (the unpacked .gz files)"
+    return "{root}/" + folder + "/raw/ with train-images-idx3-ubyte, train-labels-idx1-ubyte, " \
+           "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (the unpacked .gz files)"
 
 
-# name -> (torchvision class taking root/train/download/transform, what to call it, the files it needs)
+# name -> (torchvision class taking root/train/download/transform, its name, the files it needs under {root})
 _TORCHVISION = {
-    "cifar10": (_CIFAR10Folder, "CIFAR-10", "cifar-10-batches-py/ with data_batch_1..5, test_batch, batches.meta"),
+    "cifar10": (_CIFAR10Folder, "CIFAR-10",
+                "{root}/cifar-10-batches-py/ with data_batch_1..5, test_batch, batches.meta"),
     "mnist": (datasets.MNIST, "MNIST", _mnist_layout("MNIST")),
     "fashion_mnist": (datasets.FashionMNIST, "Fashion-MNIST", _mnist_layout("FashionMNIST")),
-    "celeba": (_CelebAFolder, "CelebA", "celeba/img_align_celeba/*.jpg and celeba/list_eval_partition.txt"),
+    "celeba": (_CelebAFolder, "CelebA",
+               "{root}/celeba/img_align_celeba/*.jpg and {root}/celeba/list_eval_partition.txt"),
 }
 DOWNLOAD_TIMEOUT_S = 30.0   # per socket operation: a firewall that drops packets must not hang a run
 HELD_OUT_EVERY = 20         # a folder's held-out split: its 20th, 40th, ... image in sorted order
@@ -182,13 +184,13 @@ def _torchvision_dataset(name, data_dir, train, transform):
         pass
     except Exception as err:  # there, but not in the format torchvision reads
         raise UserError(f"cannot read {title} in {os.path.abspath(data_dir)} ({one_line(err)}); torchvision's "
-                        f"layout is {os.path.join(data_dir, layout)}") from None
+                        f"layout is {layout.format(root=data_dir)}") from None
     try:
         with _socket_timeout(DOWNLOAD_TIMEOUT_S):
             return cls(root=data_dir, train=train, download=True, transform=transform)
     except Exception as err:
         raise UserError(f"{title} is not in {os.path.abspath(data_dir)} and could not be downloaded "
-                        f"({one_line(err)}); put torchvision's layout there ({os.path.join(data_dir, layout)}) "
+                        f"({one_line(err)}); put torchvision's layout there ({layout.format(root=data_dir)}) "
                         "or run with --dataset=shapes") from None
 
 
@@ -222,8 +224,9 @@ class ImageFiles(datasets.DatasetFolder):
     """
 
     def __init__(self, root, transform=None, mode="RGB", train=True):
-        if not os.path.isdir(root):
-            raise UserError(f"--data_dir {os.path.abspath(root)} is not a folder: give the folder of your images")
+        if not root or not os.path.isdir(root):
+            raise UserError(f"--data_dir {os.path.abspath(root or '')} is not a folder: give the folder of your "
+                            "images")
         super().__init__(root, functools.partial(_load_image, mode=mode), datasets.folder.IMG_EXTENSIONS,
                          transform=transform, allow_empty=True)
         if not self.samples:
@@ -240,6 +243,11 @@ class ImageFiles(datasets.DatasetFolder):
     def find_classes(self, directory):
         """One class, the folder itself: every image below it, at any depth, is a sample."""
         return [""], {"": 0}
+
+
+def pillow_mode(channels):
+    """Pillow's image mode of ``channels`` (1 or 3) channels: 'L' (grayscale) or 'RGB'."""
+    return "L" if channels == 1 else "RGB"
 
 
 class _Convert:
@@ -260,7 +268,7 @@ def _finish(channels):
 def to_tensor(img_size, channels=3):
     """PIL image of ``img_size`` (or 32 px, then resized) -> [channels, img_size, img_size] in [-1, 1]."""
     steps = [transforms.Resize(img_size)] if img_size != 32 else []
-    return transforms.Compose([_Convert("L" if channels == 1 else "RGB"), *steps, *_finish(channels)])
+    return transforms.Compose([_Convert(pillow_mode(channels)), *steps, *_finish(channels)])
 
 
 def image_transform(name, img_size, channels):
@@ -279,7 +287,7 @@ def image_transform(name, img_size, channels):
         steps = [transforms.Resize(img_size), transforms.CenterCrop(img_size)]
     else:
         return to_tensor(img_size, channels)
-    return transforms.Compose([_Convert("L" if channels == 1 else "RGB"), *steps, *_finish(channels)])
+    return transforms.Compose([_Convert(pillow_mode(channels)), *steps, *_finish(channels)])
 
 
 def load_dataset(name, data_dir, img_size=32, train=True, channels=None):
@@ -302,7 +310,7 @@ def load_dataset(name, data_dir, img_size=32, train=True, channels=None):
             return ShapesDataset(SHAPES_SIZE, img_size, transform)
         return ShapesDataset(SHAPES_TEST_SIZE, img_size, transform, first=SHAPES_SIZE)
     if name == "folder":
-        return ImageFiles(data_dir, transform, "L" if channels == 1 else "RGB", train)
+        return ImageFiles(data_dir, transform, pillow_mode(channels), train)
     return _torchvision_dataset(name, data_dir, train, transform)
 
 

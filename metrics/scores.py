@@ -84,9 +84,10 @@ def reference_statistics(net, kind, dataset, img_size, path=None, log=print, img
     there (``UserError`` naming the command)."""
     default = path is None
     if default and dataset == "folder":
+        gray = " --img_channels=1" if img_channels == 1 else ""
         raise UserError("a model of --dataset=folder has no default FID statistics: compute them with "
                         f"python compute_fid_stats.py --dataset=folder --data_dir=<your images> --img_size={img_size}"
-                        f"{' --img_channels=1' if img_channels == 1 else ''} and give the file it writes as --fid_cache")
+                        f"{gray} and give the file it writes as --fid_cache")
     path = path or default_stats_path(kind, dataset, img_size)
     if kind == "shapes" and default and not os.path.exists(path):
         from common import data

@@ -4,9 +4,9 @@ layout torchvision expects, and each trained, converted and evaluated through th
 The files: MNIST's idx files under ``<root>/MNIST/raw/`` (``FashionMNIST/raw/`` likewise),
 CelebA's ``celeba/img_align_celeba/*.jpg`` and ``list_eval_partition.txt``, and a nested folder
 of PNG and JPEG files of odd sizes, one of them grayscale. Pixels written at known places are
-checked where the transforms must put them. Every dataset trains 2 steps with its flagfile (a
-tiny UNet given on the command line; the MNIST flagfile once as it is), converts (which samples)
-and evaluates a few images.
+checked where the transforms must put them. Every dataset trains with its flagfile (2 steps of a
+tiny UNet given on the command line; MNIST's flagfile as it is, 1 step of its batch of 128),
+converts (which samples) and evaluates a few images.
 """
 import json
 import os
@@ -23,7 +23,7 @@ import evaluate
 from common import data, runtime
 from common.checkpoint import load_checkpoint
 from common.errors import UserError
-from helpers import ROOT, assert_one_line_error, run_script
+from helpers import ROOT
 from metrics import inception, scores, shards
 from test_metrics import inception_home  # noqa: F401 (fixture)
 
@@ -126,7 +126,8 @@ def roots(tmp_path_factory):
     """{dataset: its --data_dir} with every dataset's files written, and {dataset: what was written}."""
     base = tmp_path_factory.mktemp("data")
     dirs = {name: str(base / name) for name in FLAGFILES}
-    written = {"mnist": write_mnist(dirs["mnist"]), "fashion_mnist": write_mnist(dirs["fashion_mnist"], "FashionMNIST", seed=1)}
+    written = {"mnist": write_mnist(dirs["mnist"]),
+               "fashion_mnist": write_mnist(dirs["fashion_mnist"], "FashionMNIST", seed=1)}
     write_celeba(dirs["celeba"])
     written["folder"] = write_folder(dirs["folder"])
     return dirs, written
@@ -169,7 +170,8 @@ def test_celeba_keeps_the_central_140_pixels(roots):
         for q, (rows, cols) in enumerate([(slice(0, 7), slice(0, 7)), (slice(0, 7), slice(9, 16)),
                                           (slice(9, 16), slice(0, 7)), (slice(9, 16), slice(9, 16))]):
             want = torch.tensor(unit(colours[q]), dtype=torch.float32)[:, None, None].expand(3, 7, 7)
-            torch.testing.assert_close(x[:, rows, cols], want, atol=0.08, rtol=0)  # JPEG: a few levels; grey 20 is 0.3 away
+            # JPEG's error: a few levels; the grey around the square would be 0.3 away
+            torch.testing.assert_close(x[:, rows, cols], want, atol=0.08, rtol=0)
 
 
 def test_folder_reads_every_image_below_it_in_order(roots):
@@ -315,7 +317,8 @@ def test_each_dataset_trains_and_converts(runs, name):
     channels, size = CHANNELS[name], SIZES[name]
     assert ckpt["config"]["data"] == {"dataset": name, "img_size": size}
     assert ckpt["config"]["unet"]["img_channels"] == channels
-    assert ckpt["ema_model"]["head.weight"].shape[1] == channels and ckpt["ema_model"]["tail.2.weight"].shape[0] == channels
+    weights = ckpt["ema_model"]
+    assert weights["head.weight"].shape[1] == channels and weights["tail.2.weight"].shape[0] == channels
     assert ckpt["x_T"].shape == (64, channels, size, size)
     report = json.loads((runs[name] / "conversion.json").read_text())
     assert report["val_images"] == "held-out" and report["val_size"] == 2
