@@ -95,8 +95,7 @@ class TrainLoop:
                 print(f"--init {FLAGS.init}: {len(initialised)} quantizer thresholds start at their initial value")
         optim = torch.optim.Adam(net_model.parameters(), lr=cfg.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda=warmup_lr(cfg.warmup))
-        size = model_cfg.data.img_size
-        x_T = torch.randn(FLAGS.sample_size, 3, size, size, generator=runtime.generator(cfg.seed))
+        x_T = torch.randn(FLAGS.sample_size, *model_cfg.image_shape, generator=runtime.generator(cfg.seed))
         sampler_cfg = cflags.sampler_config(model_cfg.diffusion.T)
         build_sampler(model_cfg, sampler_cfg)  # a sampler the model cannot use fails here, before training
         return cls(cfg, model_cfg, rt, logdir, net_model, copy.deepcopy(net_model), optim, sched, x_T, sampler_cfg)
@@ -126,7 +125,7 @@ class TrainLoop:
         }, self.ckpt_path)
 
     def train_step(self, model, diffusion, batch):
-        """One optimisation step on this rank's batch [B, 3, H, W]; every random draw of step
+        """One optimisation step on this rank's batch [B, C, H, W]; every random draw of step
         ``self.step`` (flips, t, noise, dropout) is seeded by (seed, step, rank) alone."""
         seed = runtime.derived_seed(self.cfg.seed, self.step, self.rt.rank)
         torch.manual_seed(seed)  # dropout draws from the global generator
@@ -257,7 +256,8 @@ def train(logdir):
         print(f"{ckpt_path} is already at step {ckpt['step']} >= --total_steps={cfg.total_steps}; nothing to do")
         return
     rt = runtime.setup(cfg.seed)
-    dataset = data.load_dataset(model_cfg.data.dataset, FLAGS.data_dir, model_cfg.data.img_size)
+    dataset = data.load_dataset(model_cfg.data.dataset, FLAGS.data_dir, model_cfg.data.img_size,
+                                channels=model_cfg.unet.img_channels)
     loop = TrainLoop.create(cfg, model_cfg, rt, logdir)
     if ckpt:
         loop.restore(ckpt)

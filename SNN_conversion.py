@@ -41,10 +41,9 @@ FLAGS = flags.FLAGS
 
 @torch.no_grad()
 def sample_pair(ann, snn, cfg, sampler_cfg, device):
-    """ANN and SNN samples [N, 3, H, W] from the same x_T and the same sampler noise."""
+    """ANN and SNN samples [N, C, H, W] from the same x_T and the same sampler noise."""
     _, sampler = build_sampler(cfg, sampler_cfg, device)
-    size = cfg.data.img_size
-    x_T = torch.randn(FLAGS.sample_size, 3, size, size, generator=runtime.generator(FLAGS.seed)).to(device)
+    x_T = torch.randn(FLAGS.sample_size, *cfg.image_shape, generator=runtime.generator(FLAGS.seed)).to(device)
     images = []
     for model in (ann, snn):
         generator = runtime.generator(runtime.derived_seed(FLAGS.seed, 2), device)

@@ -121,8 +121,7 @@ class FinetuneRun:
         """A grid from fixed noise and a fixed sampler seed, so the grids of all blocks compare."""
         if FLAGS.sample_size <= 0:
             return
-        size = self.cfg.data.img_size
-        x_T = torch.randn(FLAGS.sample_size, 3, size, size, generator=runtime.generator(self.ft_cfg.seed))
+        x_T = torch.randn(FLAGS.sample_size, *self.cfg.image_shape, generator=runtime.generator(self.ft_cfg.seed))
         _, sampler = build_sampler(self.cfg, cflags.sampler_config(self.cfg.diffusion.T), self.rt.device)
         model = runtime.data_parallel(model, FLAGS.parallel and not self.rt.distributed)
         generator = runtime.generator(runtime.derived_seed(self.ft_cfg.seed, 2), self.rt.device)
@@ -282,7 +281,8 @@ def tune(ft_run):
         if rt.is_main:
             print(f"all {n_blocks} blocks are already tuned (use --restart to tune again)")
         return ft_run.finish()
-    dataset = data.load_dataset(ft_run.cfg.data.dataset, FLAGS.data_dir, ft_run.cfg.data.img_size)
+    dataset = data.load_dataset(ft_run.cfg.data.dataset, FLAGS.data_dir, ft_run.cfg.data.img_size,
+                                channels=ft_run.cfg.unet.img_channels)
     recorder = Recorder(ft_run)
     tuner = finetune.Tuner(ft_run.snn, ft_run.ann, ft_run.ft_cfg, validate, probe, rt.world_size,
                            recorder.on_step, recorder.on_block)

@@ -50,11 +50,14 @@ flags.DEFINE_enum("fid", "auto", ["auto", "require", "skip"],
                   help="FID and IS: auto = compute when the feature network and the statistics are there, "
                        "else skip with the reason; require = fail before sampling when they are not; skip")
 flags.DEFINE_enum("features", "auto", list(scores.FEATURES),
-                  help="feature network of the scores: inception (pytorch-gan-metrics: CIFAR-10, comparable with "
-                       "papers), shapes (the project's network for the shapes data: FID, IS over its 6 classes and "
-                       "recognisability) or auto (shapes for the shapes data, else inception)")
+                  help="feature network of the scores: inception (pytorch-gan-metrics, comparable with papers; "
+                       "grayscale images repeated to three channels), shapes (the project's network for the shapes "
+                       "data: FID, IS over its 6 classes and recognisability) or auto (shapes for the shapes data, "
+                       "else inception)")
 flags.DEFINE_string("fid_cache", None, help="reference statistics (.npz with mu, sigma); default: "
-                    "stats/cifar10.train.npz for CIFAR-10, the shapes network's file (made on first use) for shapes")
+                    "stats/<dataset>[<size>px].train.npz (stats/cifar10.train.npz for CIFAR-10, written by "
+                    "compute_fid_stats.py), the shapes network's file (made on first use) for shapes; a folder's "
+                    "statistics must be given")
 flags.DEFINE_integer("is_splits", 10, help="splits of the Inception Score")
 flags.DEFINE_integer("inception_batch", 50, help="batch size of the feature network")
 flags.DEFINE_integer("probe_images", 8, help="images sampled once more with the spike monitor on, for the energy "
@@ -79,10 +82,11 @@ def prepare_metrics(cfg, device):
     if FLAGS.num_images < FLAGS.is_splits:
         raise UserError(f"--num_images={FLAGS.num_images} is fewer than --is_splits={FLAGS.is_splits}: "
                         "the Inception Score needs at least one image per split (or give --fid=skip)")
-    kind = scores.feature_kind(FLAGS.features, cfg.data.dataset)
     try:
+        kind = scores.feature_kind(FLAGS.features, cfg.data.dataset)
         net = scores.load_features(kind, cfg.data.img_size, device, FLAGS.inception_batch)
-        stats, path = scores.reference_statistics(net, kind, cfg.data.dataset, cfg.data.img_size, FLAGS.fid_cache)
+        stats, path = scores.reference_statistics(net, kind, cfg.data.dataset, cfg.data.img_size, FLAGS.fid_cache,
+                                                  img_channels=cfg.unet.img_channels)
         return net, stats, path, None
     except UserError as err:
         if FLAGS.fid == "require":
@@ -104,7 +108,7 @@ class Evaluation:
         return build_sampler(self.loaded.config, self.sampler_cfg, self.rt.device)[1]
 
     def sample(self, model, x_T, generator):
-        """Images [B, 3, H, W] in [-1, 1] of ``model`` (DataParallel with --parallel) from x_T."""
+        """Images [B, C, H, W] in [-1, 1] of ``model`` (DataParallel with --parallel) from x_T."""
         net = runtime.data_parallel(model, FLAGS.parallel and not self.rt.distributed)
         return self.sampler(net, x_T, generator)
 
@@ -123,15 +127,15 @@ class Evaluation:
         return made, reused
 
     def probe_noise(self):
-        """(x_T [--probe_images, 3, H, W], sampler generator) of the probe run, apart from the shards'."""
-        size = self.plan.img_size
-        x_T = torch.randn(FLAGS.probe_images, 3, size, size, generator=runtime.generator(FLAGS.seed + 1))
+        """(x_T [--probe_images, C, H, W], sampler generator) of the probe run, apart from the shards'."""
+        shape = self.loaded.config.image_shape
+        x_T = torch.randn(FLAGS.probe_images, *shape, generator=runtime.generator(FLAGS.seed + 1))
         return x_T.to(self.rt.device), runtime.generator(runtime.derived_seed(FLAGS.seed, 2), self.rt.device)
 
     def metered_sample(self):
         """The probe run: ``--probe_images`` images sampled with the spike monitor on.
 
-        Returns (images [N, 3, H, W] in [-1, 1], energy fields). The monitor sees every sampler
+        Returns (images [N, C, H, W] in [-1, 1], energy fields). The monitor sees every sampler
         step, so its per-forward average represents the whole run; energy of a generated image =
         energy of one forward of one sample x network calls per image.
         """
@@ -194,12 +198,12 @@ def find_ann(model_path, ckpt, logdir):
 
 
 def write_images(images, folder):
-    """Every image of uint8 [N, H, W, 3] as ``folder/00000.png`` ..."""
+    """Every image of uint8 [N, H, W, C] as ``folder/00000.png`` ... (grayscale PNGs for C = 1)."""
     os.makedirs(folder, exist_ok=True)
     for i, img in enumerate(progress(images, desc="png", unit="img")):
         path = os.path.join(folder, f"{i:05d}.png")
         try:
-            Image.fromarray(img).save(path)
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(path)
         except OSError as err:  # a full disk: no half-written PNG is left behind
             with contextlib.suppress(OSError):
                 os.remove(path)
@@ -255,7 +259,8 @@ def setup(rt):
     logdir = cflags.logdir()
     folder = shards.shard_folder(logdir, FLAGS.eval_model_path, sampler_cfg, sampler.network_calls, FLAGS.seed,
                                  FLAGS.batch_size)
-    plan = shards.ShardPlan(folder, FLAGS.batch_size, loaded.config.data.img_size, FLAGS.seed)
+    plan = shards.ShardPlan(folder, FLAGS.batch_size, loaded.config.data.img_size, FLAGS.seed,
+                            loaded.config.unet.img_channels)
     return Evaluation(loaded, sampler_cfg, plan, rt, logdir)
 
 

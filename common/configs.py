@@ -20,6 +20,7 @@ class UNetConfig:
     wbit: int = 32                      # APoT weight bits; 32 = full-precision weights
     alpha_init: float = 6.0             # initial clipping threshold act_alpha
     num_groups: int = 32                # GroupNorm groups (pytorch-ddpm: 32; keep ch / num_groups >= 2)
+    img_channels: int = 3               # image channels in and out: 1 grayscale, 3 RGB (DATASET_CHANNELS)
 
     @property
     def levels(self):
@@ -37,10 +38,31 @@ class DiffusionConfig:
     var_type: str = "fixedlarge"        # fixedlarge / fixedsmall
 
 
+# The datasets and the image channels each gives: the first is its default, a second one the
+# other it can be converted to (a folder's images become grayscale with Pillow's 'L').
+DATASET_CHANNELS = {"cifar10": (3,), "shapes": (3,), "mnist": (1,), "fashion_mnist": (1,), "celeba": (3,),
+                    "folder": (3, 1)}
+
+
+def dataset_channels(dataset, requested=None):
+    """The image channels a model of ``dataset`` has: ``requested`` (None: the dataset's default).
+
+    ValueError when ``dataset`` cannot give ``requested`` channels (MNIST has no colour, CIFAR-10
+    is not converted to grayscale).
+    """
+    allowed = DATASET_CHANNELS[dataset]
+    if requested is None:
+        return allowed[0]
+    if requested not in allowed:
+        raise ValueError(f"--img_channels={requested} contradicts --dataset={dataset}, whose images have "
+                         f"{' or '.join(map(str, allowed))} channel(s); drop --img_channels or change --dataset")
+    return requested
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """The images the model generates."""
-    dataset: str = "cifar10"            # cifar10 / shapes
+    dataset: str = "cifar10"            # a key of DATASET_CHANNELS
     img_size: int = 32
 
 
@@ -50,6 +72,11 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
+
+    @property
+    def image_shape(self):
+        """(channels, height, width) of the images the model generates and the noise it starts from."""
+        return (self.unet.img_channels, self.data.img_size, self.data.img_size)
 
     def to_dict(self):
         return {"unet": to_dict(self.unet), "diffusion": to_dict(self.diffusion), "data": to_dict(self.data)}

@@ -8,6 +8,7 @@ Flags become configs (``common.configs``) here and only here. When a checkpoint 
 a config, an explicitly given flag (command line or flagfile) that contradicts it is a
 ``UserError``, and flags not given take the checkpoint's values. Nothing writes into ``FLAGS``.
 """
+import dataclasses
 import functools
 import os
 import sys
@@ -46,6 +47,9 @@ def define_model_flags():
                          "group GroupNorm removes each channel's mean, and the UNet cannot predict an image's "
                          "mean colour: keep --ch / --num_groups >= 2 (the CIFAR-10 UNet has 4)")
     flags.DEFINE_integer("img_size", 32, help="image size (a multiple of 2**(levels - 1))")
+    flags.DEFINE_integer("img_channels", None, help="image channels of the UNet: 1 (grayscale) or 3 (RGB); default: "
+                         "the dataset's (mnist, fashion_mnist: 1; cifar10, celeba, shapes, folder: 3); "
+                         "--dataset=folder --img_channels=1 converts the images to grayscale")
     # Quantization
     flags.DEFINE_integer("bit", 2, help="activation bits; the SNN runs T = 2**bit - 1 steps; 32 = full precision")
     flags.DEFINE_float("alpha_init", 6.0, help="initial act_alpha (clipping threshold) of the quantized activations")
@@ -64,6 +68,8 @@ def define_model_flags():
     flags.register_validator("ch_mult", lambda m: bool(m) and min(m) >= 1,
                              message="--ch_mult needs at least one level, every multiplier at least 1")
     _positive("num_res_blocks")
+    flags.register_validator("img_channels", lambda c: c is None or c in (1, 3),
+                             message="--img_channels must be 1 (grayscale) or 3 (RGB)")
     flags.register_validator("dropout", lambda p: 0 <= p < 1, message="--dropout must be in [0, 1)")
     flags.register_validator("bit", lambda b: 1 <= b <= 8 or b == 32, message="--bit must be in 1..8 or 32")
     flags.register_validator("wbit", lambda b: 2 <= b <= 7 or b == 32, message="--wbit must be in 2..7 or 32")
@@ -86,9 +92,11 @@ def _fits_levels(img_size, ch_mult):
 
 
 def define_data_flags():
-    flags.DEFINE_enum("dataset", "cifar10", ["cifar10", "shapes"],
-                      help="cifar10 (torchvision) or shapes (embedded synthetic data, no download)")
-    flags.DEFINE_string("data_dir", "./data", help="folder of the torchvision CIFAR-10 data")
+    flags.DEFINE_enum("dataset", "cifar10", list(configs.DATASET_CHANNELS),
+                      help="cifar10, mnist, fashion_mnist, celeba (torchvision's datasets), folder (every image "
+                           "below --data_dir) or shapes (embedded synthetic data, no download) (docs/data.md)")
+    flags.DEFINE_string("data_dir", "./data", help="folder of the data: torchvision's layout for cifar10, mnist, "
+                        "fashion_mnist and celeba, any folder of images for folder; not used by shapes")
     flags.DEFINE_integer("num_workers", 4, help="workers of the data loader")
     _non_negative("num_workers")
 
@@ -236,9 +244,19 @@ def _shown(value):
 
 
 def model_config(stored=None, source=None):
-    """The ``ModelConfig`` the flags describe, or ``stored`` checked against the given flags."""
+    """The ``ModelConfig`` the flags describe, or ``stored`` checked against the given flags.
+
+    A new model's ``img_channels`` follows its dataset unless ``--img_channels`` is given; a given
+    value the dataset cannot provide is a ``UserError``.
+    """
     parts = {key: config_from_flags(cls, getattr(stored, key) if stored else None, source)
              for key, cls in MODEL_CONFIGS.items()}
+    if stored is None:
+        try:
+            channels = configs.dataset_channels(parts["data"].dataset, parts["unet"].img_channels)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        parts["unet"] = dataclasses.replace(parts["unet"], img_channels=channels)
     return configs.ModelConfig(**parts)
 
 

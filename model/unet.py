@@ -148,7 +148,8 @@ def check_config(cfg):
 class UNet(nn.Module):
     """Noise-prediction UNet of pytorch-ddpm with ``QuantReLU(bit)`` in place of Swish.
 
-    forward(x [B, 3, H, W], t [B] int64) -> [B, 3, H, W], for ``T`` diffusion steps.
+    forward(x [B, C, H, W], t [B] int64) -> [B, C, H, W], for ``T`` diffusion steps, C =
+    ``config.img_channels`` (3 for RGB, 1 for grayscale data).
     ``config`` (``common.configs.UNetConfig``): ``wbit < 32`` quantizes the weights of every conv
     and linear layer but the first and the last (APoT); ``alpha_init`` is the initial clipping
     threshold of every quantized activation (a trained value comes with the state dict);
@@ -167,9 +168,10 @@ class UNet(nn.Module):
                         norm=partial(nn.GroupNorm, config.num_groups), dropout=config.dropout)
         ch, tdim = config.ch, config.ch * 4
         self.time_embedding = TimeEmbedding(T, ch, tdim, layers)
-        self.head = nn.Conv2d(3, ch, kernel_size=3, stride=1, padding=1)
+        self.head = nn.Conv2d(config.img_channels, ch, kernel_size=3, stride=1, padding=1)
         now_ch = self._build_levels(layers, tdim)
-        self.tail = nn.Sequential(layers.norm(now_ch), layers.act(), nn.Conv2d(now_ch, 3, 3, stride=1, padding=1))
+        self.tail = nn.Sequential(layers.norm(now_ch), layers.act(),
+                                  nn.Conv2d(now_ch, config.img_channels, 3, stride=1, padding=1))
         init.xavier_uniform_(self.head.weight)
         init.zeros_(self.head.bias)
         init.xavier_uniform_(self.tail[-1].weight, gain=1e-5)

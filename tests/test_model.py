@@ -80,3 +80,24 @@ def test_every_group_norm_has_num_groups_groups():
     for groups in (8, 32):
         norms = [m for m in tiny(num_groups=groups).modules() if isinstance(m, nn.GroupNorm)]
         assert norms and all(m.num_groups == groups for m in norms)
+
+
+def test_grayscale_unet_has_one_channel_in_and_out_and_converts_exactly():
+    """``img_channels=1``: [B, 1, H, W] -> [B, 1, H, W], only the head's input and the tail's output
+    differ from the RGB UNet (the head by 2 x ch x 9 weights, the tail by 2 x (ch x 9 + 1)), and
+    the exact SNN (graded, compensated) is the ANN in float64."""
+    from snn.convert import convert
+    torch.manual_seed(0)
+    gray, rgb = tiny(img_channels=1, num_groups=8), tiny(num_groups=8)
+    assert {k: v.shape for k, v in gray.state_dict().items() if not k.startswith(("head", "tail.2"))} == \
+        {k: v.shape for k, v in rgb.state_dict().items() if not k.startswith(("head", "tail.2"))}
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(rgb) - count(gray) == 2 * 32 * 9 + 2 * (32 * 9 + 1)
+    with torch.no_grad():
+        for p in gray.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    gray = gray.double().eval()
+    x, t = torch.randn(2, 1, 16, 16, dtype=torch.float64), torch.tensor([3, 70])
+    out = gray(x, t)
+    assert out.shape == (2, 1, 16, 16)
+    torch.testing.assert_close(convert(gray, "graded", "compensated")(x, t), out, rtol=0, atol=1e-10)

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests.helpers import ROOT
 
@@ -47,6 +48,15 @@ CASES = {
     "ch=36": ("ANN_train.py", ["--ch=36"], ["ch=36", "multiple of --num_groups"]),
     "num_groups=3": ("ANN_train.py", ["--num_groups=3"], ["num_groups=3", "multiple of --num_groups"]),
     "snr_gamma=-1": ("ANN_train.py", ["--snr_gamma=-1"], ["--snr_gamma=-1", "0 (off) or positive"]),
+    "folder missing": ("ANN_train.py", ["--logdir={run}/new", "--dataset=folder", "--data_dir={run}/no_such_folder"],
+                       ["no_such_folder", "is not a folder"]),
+    "folder without images": ("ANN_train.py", ["--logdir={run}/new", "--dataset=folder", "--data_dir={run}/empty"],
+                              ["no image files below", "empty"]),
+    "folder with a broken image": ("ANN_train.py", ["--logdir={run}/new", "--dataset=folder", "--data_dir={run}/images"],
+                                   ["cannot read the image", "broken.png"]),
+    "img_channels against mnist": ("ANN_train.py", ["--logdir={run}/new", "--dataset=mnist", "--img_channels=3"],
+                                   ["--img_channels=3", "--dataset=mnist"]),
+    "img_channels=2": ("ANN_train.py", ["--img_channels=2"], ["--img_channels", "1 (grayscale) or 3"]),
     "stats out under a file": ("compute_fid_stats.py", ["--dataset=shapes", "--out={file}/s.npz"], ["--out"]),
     "conversion val_size=0": ("SNN_conversion.py", ["--val_size=0"], ["--val_size=0"]),
     "conversion sample_size=0": ("SNN_conversion.py", ["--sample_size=0"], ["--sample_size=0"]),
@@ -102,7 +112,8 @@ def marker(tmp_path_factory):
 def template(tmp_path_factory, marker):
     """A run folder with a 1-step checkpoint of the demo model, a statistics file lacking mu/sigma,
     and checkpoints that are malicious (``evil/ckpt.pt``, ``evil.pt``) or incomplete
-    (``partial/ckpt.pt``: no 'data' section; ``noweights.pt``; ``no_optim/ckpt.pt``: no optimiser)."""
+    (``partial/ckpt.pt``: no 'data' section; ``noweights.pt``; ``no_optim/ckpt.pt``: no optimiser),
+    an empty folder and a folder of images one of which is broken."""
     folder = tmp_path_factory.mktemp("template")
     cmd = [sys.executable, "ANN_train.py", "--flagfile=config/train_ANN/demo.txt", f"--logdir={folder}",
            "--total_steps=1", "--save_step=1", "--sample_step=0"]
@@ -120,6 +131,11 @@ def template(tmp_path_factory, marker):
     torch.save({"config": ckpt["config"], "step": 1}, folder / "noweights.pt")
     torch.save({k: ckpt[k] for k in ("net_model", "ema_model", "config")}, folder / "no_optim" / "ckpt.pt")
     assert not marker.exists()
+    (folder / "empty").mkdir()
+    (folder / "images" / "sub").mkdir(parents=True)
+    for name in ("a.png", "sub/b.png"):
+        Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(folder / "images" / name)
+    (folder / "images" / "sub" / "broken.png").write_bytes(b"\x89PNG but not an image")
     return folder
 
 
