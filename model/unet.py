@@ -55,26 +55,61 @@ class TimeEmbedding(nn.Module):
         return self.timembedding(t)
 
 
+RESAMPLE = ("conv", "pool", "act_conv", "signed_conv")
+
+
+class AnalogInput(nn.Identity):
+    """Marks where a weight layer reads the analog stream (no quantized activation): the identity
+    here; a spiking UNet whose neurons fire after their window swaps it for a hold of the window's
+    mean (``snn.convert.Hold``)."""
+
+
+def _resampling_input(ch, layers, resample):
+    """What a down/up-sampling conv reads, per ``resample``: the stream itself (``conv``), a
+    GroupNorm and a quantized ReLU (``act_conv``), or a signed quantizer, levels -L..L (``signed_conv``)."""
+    if resample == "act_conv":
+        return nn.Sequential(layers.norm(ch), layers.act())
+    if resample == "signed_conv":
+        return layers.act(signed=True)
+    return AnalogInput()
+
+
 class DownSample(nn.Module):
-    def __init__(self, ch, conv):
+    """2x down: a 3x3 conv of stride 2 (``resample`` as ``UNetConfig`` says), or average pooling (``pool``)."""
+
+    def __init__(self, ch, layers, resample="conv"):
         super().__init__()
-        self.main = conv(ch, ch, 3, stride=2, padding=1)
-        init.xavier_uniform_(self.main.weight)
-        init.zeros_(self.main.bias)
+        self.pool = resample == "pool"
+        if not self.pool:
+            self.act = _resampling_input(ch, layers, resample)
+            self.main = layers.conv(ch, ch, 3, stride=2, padding=1)
+            init.xavier_uniform_(self.main.weight)
+            init.zeros_(self.main.bias)
 
     def forward(self, x, temb):
-        return self.main(x)
+        return F.avg_pool2d(x, 2) if self.pool else self.main(self.act(x))
 
 
 class UpSample(nn.Module):
-    def __init__(self, ch, conv):
+    """2x nearest up, then a 3x3 conv (``resample`` as ``UNetConfig`` says) or nothing (``pool``).
+
+    The activation of ``act_conv`` / ``signed_conv`` comes after the upsampling (nearest
+    upsampling commutes with GroupNorm and the quantizer: the same values), so the conv reads the
+    activation's own output.
+    """
+
+    def __init__(self, ch, layers, resample="conv"):
         super().__init__()
-        self.main = conv(ch, ch, 3, stride=1, padding=1)
-        init.xavier_uniform_(self.main.weight)
-        init.zeros_(self.main.bias)
+        self.pool = resample == "pool"
+        if not self.pool:
+            self.act = _resampling_input(ch, layers, resample)
+            self.main = layers.conv(ch, ch, 3, stride=1, padding=1)
+            init.xavier_uniform_(self.main.weight)
+            init.zeros_(self.main.bias)
 
     def forward(self, x, temb):
-        return self.main(F.interpolate(x, scale_factor=2, mode="nearest"))
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return x if self.pool else self.main(self.act(x))
 
 
 class AttnBlock(nn.Module):
@@ -104,9 +139,14 @@ class AttnBlock(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm -> act -> conv, + projected time embedding, GroupNorm -> act -> dropout -> conv, + skip."""
+    """GroupNorm -> act -> conv, + projected time embedding, GroupNorm -> act -> dropout -> conv, + skip.
 
-    def __init__(self, in_ch, out_ch, tdim, layers, attn=False):
+    The skip is x itself, or a 1x1 conv (``shortcut``) where the channels change: of x
+    (pytorch-ddpm), or with ``spike_driven`` of the block's own first activation act(GroupNorm(x)),
+    so that it reads a quantized activation (spikes in the SNN) instead of the analog stream.
+    """
+
+    def __init__(self, in_ch, out_ch, tdim, layers, attn=False, spike_driven=False):
         super().__init__()
         act, conv = layers.act, layers.conv
         self.block1 = nn.Sequential(layers.norm(in_ch), act(), conv(in_ch, out_ch, 3, stride=1, padding=1))
@@ -114,6 +154,8 @@ class ResBlock(nn.Module):
         self.block2 = nn.Sequential(
             layers.norm(out_ch), act(), nn.Dropout(layers.dropout), conv(out_ch, out_ch, 3, stride=1, padding=1))
         self.shortcut = conv(in_ch, out_ch, 1, stride=1, padding=0) if in_ch != out_ch else nn.Identity()
+        self.shortcut_reads_act = spike_driven and in_ch != out_ch
+        self.shortcut_input = AnalogInput() if in_ch != out_ch and not spike_driven else nn.Identity()
         self.attn = AttnBlock(out_ch, layers.norm) if attn else nn.Identity()
         for part in (self.block1, self.temb_proj, self.block2, self.shortcut):
             for module in part.modules():
@@ -123,10 +165,12 @@ class ResBlock(nn.Module):
         init.xavier_uniform_(self.block2[-1].weight, gain=1e-5)
 
     def forward(self, x, temb):
-        h = self.block1(x)
+        a = self.block1[1](self.block1[0](x))  # act(GN(x))
+        h = self.block1[2](a)
+        skip = self.shortcut(a) if self.shortcut_reads_act else self.shortcut(self.shortcut_input(x))
         h = h + self.temb_proj(temb)[:, :, None, None]
         h = self.block2(h)
-        h = h + self.shortcut(x)
+        h = h + skip
         return self.attn(h)
 
 
@@ -140,6 +184,11 @@ def check_config(cfg):
             f"attention (--attn {list(cfg.attn)}) is only available for the full-precision model (--bit=32): "
             "softmax attention multiplies two activations and has no integrate-and-fire "
             "equivalent, so a quantized model meant for conversion must not use it")
+    if cfg.resample not in ("",) + RESAMPLE:
+        raise ValueError(f"resample must be one of {RESAMPLE} (or '' for the default), got {cfg.resample!r}")
+    if cfg.spike_driven and cfg.resampling == "conv":
+        raise ValueError("a spike-driven UNet cannot resample with a conv of the analog stream (--resample=conv): "
+                         "give --resample=pool, act_conv or signed_conv, or leave it out")
     if cfg.num_groups < 1 or cfg.ch % cfg.num_groups:
         raise ValueError(f"--ch must be a multiple of --num_groups (the GroupNorm groups), got ch={cfg.ch}, "
                          f"num_groups={cfg.num_groups}")
@@ -153,7 +202,9 @@ class UNet(nn.Module):
     and linear layer but the first and the last (APoT); ``alpha_init`` is the initial clipping
     threshold of every quantized activation (a trained value comes with the state dict);
     ``attn`` lists the resolution levels with self-attention and is only accepted for the
-    full-precision baseline, since attention has no integrate-and-fire equivalent. ``kernels``
+    full-precision baseline, since attention has no integrate-and-fire equivalent. With
+    ``spike_driven`` every weight layer after the head reads a quantized activation (the 1x1
+    shortcuts their ResBlock's first activation, the resampling ``config.resampling``'s). ``kernels``
     (reference / compile / auto, ``common.compiled``) is how the quantizers run, with the same
     values.
     """
@@ -177,7 +228,7 @@ class UNet(nn.Module):
 
     def _build_levels(self, layers, tdim):
         """The down, middle and up blocks; returns the channels entering the tail."""
-        cfg, block = self.config, partial(ResBlock, layers=layers)
+        cfg, block = self.config, partial(ResBlock, layers=layers, spike_driven=self.config.spike_driven)
         self.downblocks, self.upblocks = nn.ModuleList(), nn.ModuleList()
         chs, now_ch = [cfg.ch], cfg.ch
         for i, mult in enumerate(cfg.ch_mult):
@@ -186,7 +237,7 @@ class UNet(nn.Module):
                 now_ch = cfg.ch * mult
                 chs.append(now_ch)
             if i != len(cfg.ch_mult) - 1:
-                self.downblocks.append(DownSample(now_ch, layers.conv))
+                self.downblocks.append(DownSample(now_ch, layers, cfg.resampling))
                 chs.append(now_ch)
         self.middleblocks = nn.ModuleList([block(now_ch, now_ch, tdim, attn=bool(cfg.attn)),
                                            block(now_ch, now_ch, tdim)])
@@ -195,7 +246,7 @@ class UNet(nn.Module):
                 self.upblocks.append(block(chs.pop() + now_ch, cfg.ch * mult, tdim, attn=i in cfg.attn))
                 now_ch = cfg.ch * mult
             if i != 0:
-                self.upblocks.append(UpSample(now_ch, layers.conv))
+                self.upblocks.append(UpSample(now_ch, layers, cfg.resampling))
         assert not chs, "every skip tensor is consumed by an up block"
         return now_ch
 

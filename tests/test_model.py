@@ -80,3 +80,65 @@ def test_every_group_norm_has_num_groups_groups():
     for groups in (8, 32):
         norms = [m for m in tiny(num_groups=groups).modules() if isinstance(m, nn.GroupNorm)]
         assert norms and all(m.num_groups == groups for m in norms)
+
+
+def test_default_unet_computes_pytorch_ddpms_blocks():
+    """The default settings (no --spike_driven, --resample conv) are pytorch-ddpm's blocks, written
+    out here: h = block1(x) + temb_proj(temb); h = block2(h) + shortcut(x); down: conv(x); up:
+    conv(nearest(x)). Checkpoints without the new fields load with these defaults."""
+    import torch.nn.functional as F
+    from common.configs import ModelConfig, UNetConfig
+    model = tiny(ch_mult=[1, 2]).eval()
+    assert model.config.resampling == "conv" and not model.config.spike_driven
+    old = ModelConfig().to_dict()
+    for key in ("spike_driven", "resample"):
+        del old["unet"][key]
+    assert ModelConfig.from_dict(old).unet == UNetConfig()
+    g = torch.Generator().manual_seed(0)
+    temb = torch.randn(2, 128, generator=g)
+    block = next(m for m in model.downblocks if isinstance(getattr(m, "shortcut", None), torch.nn.Conv2d))  # 32 -> 64
+    down = next(m for m in model.downblocks if type(m).__name__ == "DownSample")
+    up = next(m for m in model.upblocks if type(m).__name__ == "UpSample")
+    with torch.no_grad():
+        x = torch.randn(2, 32, 8, 8, generator=g)
+        h = block.block1(x) + block.temb_proj(temb)[:, :, None, None]
+        assert torch.equal(block(x, temb), block.block2(h) + block.shortcut(x))
+        assert torch.equal(down(x, temb), down.main(x))
+        x = torch.randn(2, 64, 4, 4, generator=g)
+        assert torch.equal(up(x, temb), up.main(F.interpolate(x, scale_factor=2, mode="nearest")))
+
+
+def test_spike_driven_layers_read_activations():
+    """--spike_driven: the 1x1 shortcut reads the ResBlock's first activation (the very tensor its
+    first conv reads); resampling per --resample: pool has no weights, act_conv a GroupNorm and a
+    quantizer, signed_conv a signed quantizer before the conv."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+    model = tiny(ch_mult=[1, 2], spike_driven=True).eval()
+    block = next(m for m in model.downblocks if isinstance(getattr(m, "shortcut", None), nn.Conv2d))
+    seen = {}
+    block.block1[1].register_forward_hook(lambda m, a, out: seen.update(act=out))
+    block.shortcut.register_forward_hook(lambda m, a, out: seen.update(shortcut=a[0]))
+    block.block1[2].register_forward_hook(lambda m, a, out: seen.update(conv=a[0]))
+    x = torch.randn(2, 32, 8, 8)
+    with torch.no_grad():
+        block(x, torch.randn(2, 128))
+    assert seen["shortcut"] is seen["act"] is seen["conv"]
+    down = next(m for m in model.downblocks if type(m).__name__ == "DownSample")
+    up = next(m for m in model.upblocks if type(m).__name__ == "UpSample")
+    assert model.config.resampling == "pool" and not list(down.parameters()) and not list(up.parameters())
+    assert torch.equal(down(x, None), F.avg_pool2d(x, 2))
+    assert torch.equal(up(x, None), F.interpolate(x, scale_factor=2, mode="nearest"))
+    act = tiny(ch_mult=[1, 2], spike_driven=True, resample="act_conv")
+    down = next(m for m in act.downblocks if type(m).__name__ == "DownSample")
+    assert isinstance(down.act[0], nn.GroupNorm) and isinstance(down.act[1], QuantReLU) and not down.act[1].signed
+    signed = tiny(ch_mult=[1, 2], spike_driven=True, resample="signed_conv")
+    down = next(m for m in signed.downblocks if type(m).__name__ == "DownSample")
+    assert isinstance(down.act, QuantReLU) and down.act.signed
+
+
+def test_spike_driven_needs_resampling_that_reads_spikes():
+    with pytest.raises(ValueError, match="spike-driven"):
+        tiny(ch_mult=[1, 2], spike_driven=True, resample="conv")
+    with pytest.raises(ValueError, match="resample"):
+        tiny(ch_mult=[1, 2], resample="bilinear")
