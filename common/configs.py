@@ -22,11 +22,17 @@ class UNetConfig:
     num_groups: int = 32                # GroupNorm groups (pytorch-ddpm: 32; keep ch / num_groups >= 2)
     spike_driven: bool = False          # every weight layer after the head reads a quantized activation
     resample: str = ""                  # conv / pool / act_conv / signed_conv; '': conv, or pool if spike_driven
+    shortcut: str = ""                  # what 1x1 shortcuts read: x / act / signed; '': x, or act if spike_driven
 
     @property
     def resampling(self):
         """How the UNet resamples: ``resample``, or its default for the kind of UNet."""
         return self.resample or ("pool" if self.spike_driven else "conv")
+
+    @property
+    def shortcut_reads(self):
+        """What the 1x1 shortcuts read: ``shortcut``, or its default for the kind of UNet."""
+        return self.shortcut or ("act" if self.spike_driven else "x")
 
     @property
     def levels(self):

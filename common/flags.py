@@ -47,13 +47,17 @@ def define_model_flags():
                          "mean colour: keep --ch / --num_groups >= 2 (the CIFAR-10 UNet has 4)")
     flags.DEFINE_integer("img_size", 32, help="image size (a multiple of 2**(levels - 1))")
     flags.DEFINE_bool("spike_driven", False, help="every weight layer after the head reads a quantized activation "
-                      "(spikes in the SNN): the 1x1 shortcuts read their ResBlock's first activation and the "
-                      "resampling has no conv of the analog stream; off: pytorch-ddpm's UNet (docs/energy.md)")
+                      "(spikes in the SNN): no 1x1 shortcut and no resampling conv reads the analog stream; "
+                      "off: pytorch-ddpm's UNet (docs/energy.md)")
     flags.DEFINE_enum("resample", "", ["", "conv", "pool", "act_conv", "signed_conv"],
                       help="down/up-sampling: conv = a 3x3 conv of the stream (pytorch-ddpm), pool = average "
                            "pooling / nearest upsampling without weights (DDPM's resamp_with_conv=False), "
                            "act_conv = GroupNorm and a quantized ReLU before the conv, signed_conv = a signed "
                            "quantizer before the conv; empty: conv, or pool with --spike_driven")
+    flags.DEFINE_enum("shortcut", "", ["", "x", "act", "signed"],
+                      help="what the 1x1 ResBlock shortcuts read: x = the analog stream (pytorch-ddpm), act = the "
+                           "block's first activation act(GroupNorm(x)), signed = a signed quantizer of x; empty: x, "
+                           "or act with --spike_driven")
     # Quantization
     flags.DEFINE_integer("bit", 2, help="activation bits; the SNN runs T = 2**bit - 1 steps; 32 = full precision")
     flags.DEFINE_float("alpha_init", 6.0, help="initial act_alpha (clipping threshold) of the quantized activations")
@@ -70,9 +74,10 @@ def define_model_flags():
         ["ch", "num_groups"], lambda v: v["ch"] > 0 and v["num_groups"] > 0 and v["ch"] % v["num_groups"] == 0,
         message="--ch must be a positive multiple of --num_groups (the GroupNorm groups)")
     flags.register_multi_flags_validator(
-        ["spike_driven", "resample"], lambda v: not (v["spike_driven"] and v["resample"] == "conv"),
-        message="--spike_driven needs resampling that reads spikes: --resample=pool, act_conv or signed_conv "
-                "(or leave --resample out)")
+        ["spike_driven", "resample", "shortcut"],
+        lambda v: not (v["spike_driven"] and (v["resample"] == "conv" or v["shortcut"] == "x")),
+        message="--spike_driven needs layers that read spikes: --resample=pool, act_conv or signed_conv and "
+                "--shortcut=act or signed (or leave them out)")
     flags.register_validator("ch_mult", lambda m: bool(m) and min(m) >= 1,
                              message="--ch_mult needs at least one level, every multiplier at least 1")
     _positive("num_res_blocks")

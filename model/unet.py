@@ -56,6 +56,7 @@ class TimeEmbedding(nn.Module):
 
 
 RESAMPLE = ("conv", "pool", "act_conv", "signed_conv")
+SHORTCUTS = ("x", "act", "signed")
 
 
 class AnalogInput(nn.Identity):
@@ -141,12 +142,13 @@ class AttnBlock(nn.Module):
 class ResBlock(nn.Module):
     """GroupNorm -> act -> conv, + projected time embedding, GroupNorm -> act -> dropout -> conv, + skip.
 
-    The skip is x itself, or a 1x1 conv (``shortcut``) where the channels change: of x
-    (pytorch-ddpm), or with ``spike_driven`` of the block's own first activation act(GroupNorm(x)),
-    so that it reads a quantized activation (spikes in the SNN) instead of the analog stream.
+    The skip is x itself, or a 1x1 conv (``shortcut``) where the channels change, reading per
+    ``shortcut_reads`` (``UNetConfig.shortcut``): ``x`` (pytorch-ddpm: the analog stream), ``act``
+    the block's own first activation act(GroupNorm(x)), or ``signed`` a signed quantizer of x
+    (levels -L..L): the latter two are quantized activations (spikes in the SNN).
     """
 
-    def __init__(self, in_ch, out_ch, tdim, layers, attn=False, spike_driven=False):
+    def __init__(self, in_ch, out_ch, tdim, layers, attn=False, shortcut_reads="x"):
         super().__init__()
         act, conv = layers.act, layers.conv
         self.block1 = nn.Sequential(layers.norm(in_ch), act(), conv(in_ch, out_ch, 3, stride=1, padding=1))
@@ -154,8 +156,10 @@ class ResBlock(nn.Module):
         self.block2 = nn.Sequential(
             layers.norm(out_ch), act(), nn.Dropout(layers.dropout), conv(out_ch, out_ch, 3, stride=1, padding=1))
         self.shortcut = conv(in_ch, out_ch, 1, stride=1, padding=0) if in_ch != out_ch else nn.Identity()
-        self.shortcut_reads_act = spike_driven and in_ch != out_ch
-        self.shortcut_input = AnalogInput() if in_ch != out_ch and not spike_driven else nn.Identity()
+        self.shortcut_reads_act = shortcut_reads == "act" and in_ch != out_ch
+        self.shortcut_input = nn.Identity()
+        if in_ch != out_ch and shortcut_reads != "act":
+            self.shortcut_input = layers.act(signed=True) if shortcut_reads == "signed" else AnalogInput()
         self.attn = AttnBlock(out_ch, layers.norm) if attn else nn.Identity()
         for part in (self.block1, self.temb_proj, self.block2, self.shortcut):
             for module in part.modules():
@@ -186,9 +190,14 @@ def check_config(cfg):
             "equivalent, so a quantized model meant for conversion must not use it")
     if cfg.resample not in ("",) + RESAMPLE:
         raise ValueError(f"resample must be one of {RESAMPLE} (or '' for the default), got {cfg.resample!r}")
+    if cfg.shortcut not in ("",) + SHORTCUTS:
+        raise ValueError(f"shortcut must be one of {SHORTCUTS} (or '' for the default), got {cfg.shortcut!r}")
     if cfg.spike_driven and cfg.resampling == "conv":
         raise ValueError("a spike-driven UNet cannot resample with a conv of the analog stream (--resample=conv): "
                          "give --resample=pool, act_conv or signed_conv, or leave it out")
+    if cfg.spike_driven and cfg.shortcut_reads == "x":
+        raise ValueError("a spike-driven UNet's 1x1 shortcuts cannot read the analog stream (--shortcut=x): "
+                         "give --shortcut=act or signed, or leave it out")
     if cfg.num_groups < 1 or cfg.ch % cfg.num_groups:
         raise ValueError(f"--ch must be a multiple of --num_groups (the GroupNorm groups), got ch={cfg.ch}, "
                          f"num_groups={cfg.num_groups}")
@@ -204,7 +213,7 @@ class UNet(nn.Module):
     ``attn`` lists the resolution levels with self-attention and is only accepted for the
     full-precision baseline, since attention has no integrate-and-fire equivalent. With
     ``spike_driven`` every weight layer after the head reads a quantized activation (the 1x1
-    shortcuts their ResBlock's first activation, the resampling ``config.resampling``'s). ``kernels``
+    shortcuts as ``config.shortcut_reads`` says, the resampling ``config.resampling``'s). ``kernels``
     (reference / compile / auto, ``common.compiled``) is how the quantizers run, with the same
     values.
     """
@@ -228,7 +237,7 @@ class UNet(nn.Module):
 
     def _build_levels(self, layers, tdim):
         """The down, middle and up blocks; returns the channels entering the tail."""
-        cfg, block = self.config, partial(ResBlock, layers=layers, spike_driven=self.config.spike_driven)
+        cfg, block = self.config, partial(ResBlock, layers=layers, shortcut_reads=self.config.shortcut_reads)
         self.downblocks, self.upblocks = nn.ModuleList(), nn.ModuleList()
         chs, now_ch = [cfg.ch], cfg.ch
         for i, mult in enumerate(cfg.ch_mult):

@@ -91,7 +91,7 @@ def test_default_unet_computes_pytorch_ddpms_blocks():
     model = tiny(ch_mult=[1, 2]).eval()
     assert model.config.resampling == "conv" and not model.config.spike_driven
     old = ModelConfig().to_dict()
-    for key in ("spike_driven", "resample"):
+    for key in ("spike_driven", "resample", "shortcut"):
         del old["unet"][key]
     assert ModelConfig.from_dict(old).unet == UNetConfig()
     g = torch.Generator().manual_seed(0)
@@ -132,13 +132,23 @@ def test_spike_driven_layers_read_activations():
     act = tiny(ch_mult=[1, 2], spike_driven=True, resample="act_conv")
     down = next(m for m in act.downblocks if type(m).__name__ == "DownSample")
     assert isinstance(down.act[0], nn.GroupNorm) and isinstance(down.act[1], QuantReLU) and not down.act[1].signed
-    signed = tiny(ch_mult=[1, 2], spike_driven=True, resample="signed_conv")
+    signed = tiny(ch_mult=[1, 2], spike_driven=True, resample="signed_conv", shortcut="signed")
     down = next(m for m in signed.downblocks if type(m).__name__ == "DownSample")
     assert isinstance(down.act, QuantReLU) and down.act.signed
+    block = next(m for m in signed.downblocks if isinstance(getattr(m, "shortcut", None), nn.Conv2d))
+    assert isinstance(block.shortcut_input, QuantReLU) and block.shortcut_input.signed
+    with torch.no_grad():
+        skip = block.shortcut(block.shortcut_input(x))
+        h = block.block1(x) + block.temb_proj(torch.zeros(2, 128))[:, :, None, None]
+        assert torch.equal(block(x, torch.zeros(2, 128)), block.block2(h) + skip)
 
 
-def test_spike_driven_needs_resampling_that_reads_spikes():
+def test_spike_driven_needs_layers_that_read_spikes():
     with pytest.raises(ValueError, match="spike-driven"):
         tiny(ch_mult=[1, 2], spike_driven=True, resample="conv")
+    with pytest.raises(ValueError, match="spike-driven"):
+        tiny(ch_mult=[1, 2], spike_driven=True, shortcut="x")
     with pytest.raises(ValueError, match="resample"):
         tiny(ch_mult=[1, 2], resample="bilinear")
+    with pytest.raises(ValueError, match="shortcut"):
+        tiny(ch_mult=[1, 2], shortcut="y")

@@ -284,7 +284,8 @@ def test_graded_compensated_snn_is_the_ann_in_float64(bit):
 
 
 @pytest.mark.parametrize("fields", [{}, {"spike_driven": True}, {"spike_driven": True, "resample": "act_conv"},
-                                    {"spike_driven": True, "resample": "signed_conv"}])
+                                    {"spike_driven": True, "resample": "signed_conv"},
+                                    {"spike_driven": True, "shortcut": "signed"}])
 def test_two_phase_compensated_snn_is_the_ann_in_float64(fields):
     """Two-phase neurons + compensated GroupNorm: the SNN is its ANN to float64 rounding, with
     binary spikes only (signed ones for the signed quantizer), for the seed's and the spike-driven UNets."""
@@ -299,7 +300,8 @@ def test_two_phase_compensated_snn_is_the_ann_in_float64(fields):
     print(f"\n{fields}: float64 two-phase+compensated SNN vs ANN, relative error {float(err.max()):.1e}")
     assert float(err.max()) < 1e-12
     assert s["multi_spike_fraction"] == 0 and s["firing_rate"] > 0.01
-    assert (s["negative_spike_fraction"] > 0) == (fields.get("resample") == "signed_conv")
+    assert (s["negative_spike_fraction"] > 0) == ("signed" in (fields.get("resample"), fields.get("shortcut")) or
+                                                  fields.get("resample") == "signed_conv")
 
 
 def test_two_phase_snn_of_a_cifar10_sized_unet_is_its_ann_in_float64():
