@@ -22,7 +22,7 @@ class UNetConfig:
     num_groups: int = 32                # GroupNorm groups (pytorch-ddpm: 32; keep ch / num_groups >= 2)
     spike_driven: bool = False          # every weight layer after the head reads a quantized activation
     resample: str = ""                  # conv / pool / act_conv / signed_conv; '': conv, or pool if spike_driven
-    shortcut: str = ""                  # what 1x1 shortcuts read: x / act / signed; '': x, or act if spike_driven
+    shortcut: str = ""                  # channel-changing shortcuts: x / act / signed / fold; '': x, or act if spike_driven
 
     @property
     def resampling(self):

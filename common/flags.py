@@ -54,10 +54,11 @@ def define_model_flags():
                            "pooling / nearest upsampling without weights (DDPM's resamp_with_conv=False), "
                            "act_conv = GroupNorm and a quantized ReLU before the conv, signed_conv = a signed "
                            "quantizer before the conv; empty: conv, or pool with --spike_driven")
-    flags.DEFINE_enum("shortcut", "", ["", "x", "act", "signed"],
-                      help="what the 1x1 ResBlock shortcuts read: x = the analog stream (pytorch-ddpm), act = the "
-                           "block's first activation act(GroupNorm(x)), signed = a signed quantizer of x; empty: x, "
-                           "or act with --spike_driven")
+    flags.DEFINE_enum("shortcut", "", ["", "x", "act", "signed", "fold"],
+                      help="the ResBlock shortcuts where the channels change: a 1x1 conv of x = the analog stream "
+                           "(pytorch-ddpm), act = the block's first activation act(GroupNorm(x)), signed = a signed "
+                           "quantizer of x; fold = no conv, x's channels zero-padded and summed in groups onto the "
+                           "output's; empty: x, or the spike-driven default with --spike_driven")
     # Quantization
     flags.DEFINE_integer("bit", 2, help="activation bits; the SNN runs T = 2**bit - 1 steps; 32 = full precision")
     flags.DEFINE_float("alpha_init", 6.0, help="initial act_alpha (clipping threshold) of the quantized activations")
@@ -77,7 +78,7 @@ def define_model_flags():
         ["spike_driven", "resample", "shortcut"],
         lambda v: not (v["spike_driven"] and (v["resample"] == "conv" or v["shortcut"] == "x")),
         message="--spike_driven needs layers that read spikes: --resample=pool, act_conv or signed_conv and "
-                "--shortcut=act or signed (or leave them out)")
+                "--shortcut=act, signed or fold (or leave them out)")
     flags.register_validator("ch_mult", lambda m: bool(m) and min(m) >= 1,
                              message="--ch_mult needs at least one level, every multiplier at least 1")
     _positive("num_res_blocks")

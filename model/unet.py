@@ -56,7 +56,7 @@ class TimeEmbedding(nn.Module):
 
 
 RESAMPLE = ("conv", "pool", "act_conv", "signed_conv")
-SHORTCUTS = ("x", "act", "signed")
+SHORTCUTS = ("x", "act", "signed", "fold")
 
 
 class AnalogInput(nn.Identity):
@@ -139,13 +139,35 @@ class AttnBlock(nn.Module):
         return x + self.proj(h)
 
 
+class ChannelFold(nn.Module):
+    """A shortcut without weights from ``in_ch`` to ``out_ch`` channels: x [B, in_ch, H, W] zero-padded
+    to k * out_ch channels (k = ceil(in_ch / out_ch)) and summed over the k groups -> [B, out_ch, H, W].
+
+    Fewer channels in than out: x itself on the first channels, zeros on the rest. It keeps the
+    stream analog and exact (additions only), so no weight layer reads it.
+    """
+
+    def __init__(self, in_ch, out_ch):
+        super().__init__()
+        self.in_ch, self.out_ch = in_ch, out_ch
+
+    def forward(self, x):
+        k = -(-self.in_ch // self.out_ch)
+        x = F.pad(x, (0, 0, 0, 0, 0, k * self.out_ch - self.in_ch))
+        return x.view(x.shape[0], k, self.out_ch, *x.shape[2:]).sum(1)
+
+    def extra_repr(self):
+        return f"{self.in_ch} -> {self.out_ch}"
+
+
 class ResBlock(nn.Module):
     """GroupNorm -> act -> conv, + projected time embedding, GroupNorm -> act -> dropout -> conv, + skip.
 
-    The skip is x itself, or a 1x1 conv (``shortcut``) where the channels change, reading per
+    The skip is x itself, or where the channels change a 1x1 conv (``shortcut``) reading per
     ``shortcut_reads`` (``UNetConfig.shortcut``): ``x`` (pytorch-ddpm: the analog stream), ``act``
     the block's own first activation act(GroupNorm(x)), or ``signed`` a signed quantizer of x
-    (levels -L..L): the latter two are quantized activations (spikes in the SNN).
+    (levels -L..L): the latter two are quantized activations (spikes in the SNN). ``fold``: no
+    conv, x folded onto the output channels (``ChannelFold``).
     """
 
     def __init__(self, in_ch, out_ch, tdim, layers, attn=False, shortcut_reads="x"):
@@ -156,9 +178,11 @@ class ResBlock(nn.Module):
         self.block2 = nn.Sequential(
             layers.norm(out_ch), act(), nn.Dropout(layers.dropout), conv(out_ch, out_ch, 3, stride=1, padding=1))
         self.shortcut = conv(in_ch, out_ch, 1, stride=1, padding=0) if in_ch != out_ch else nn.Identity()
+        if in_ch != out_ch and shortcut_reads == "fold":
+            self.shortcut = ChannelFold(in_ch, out_ch)
         self.shortcut_reads_act = shortcut_reads == "act" and in_ch != out_ch
         self.shortcut_input = nn.Identity()
-        if in_ch != out_ch and shortcut_reads != "act":
+        if in_ch != out_ch and shortcut_reads in ("x", "signed"):
             self.shortcut_input = layers.act(signed=True) if shortcut_reads == "signed" else AnalogInput()
         self.attn = AttnBlock(out_ch, layers.norm) if attn else nn.Identity()
         for part in (self.block1, self.temb_proj, self.block2, self.shortcut):
@@ -197,7 +221,7 @@ def check_config(cfg):
                          "give --resample=pool, act_conv or signed_conv, or leave it out")
     if cfg.spike_driven and cfg.shortcut_reads == "x":
         raise ValueError("a spike-driven UNet's 1x1 shortcuts cannot read the analog stream (--shortcut=x): "
-                         "give --shortcut=act or signed, or leave it out")
+                         "give --shortcut=act, signed or fold, or leave it out")
     if cfg.num_groups < 1 or cfg.ch % cfg.num_groups:
         raise ValueError(f"--ch must be a multiple of --num_groups (the GroupNorm groups), got ch={cfg.ch}, "
                          f"num_groups={cfg.num_groups}")

@@ -152,3 +152,18 @@ def test_spike_driven_needs_layers_that_read_spikes():
         tiny(ch_mult=[1, 2], resample="bilinear")
     with pytest.raises(ValueError, match="shortcut"):
         tiny(ch_mult=[1, 2], shortcut="y")
+
+
+def test_fold_shortcut_is_a_fixed_sum_of_channels():
+    """--shortcut=fold: no weights; 96 -> 64 channels pads to 128 and adds channel c + 64 onto c
+    (c < 32 gets a second channel, the rest their own); 32 -> 64 is x and zeros."""
+    from model.unet import ChannelFold
+    x = torch.randn(2, 96, 4, 4)
+    out = ChannelFold(96, 64)(x)
+    assert torch.equal(out[:, :32], x[:, :32] + x[:, 64:]) and torch.equal(out[:, 32:], x[:, 32:64])
+    x = torch.randn(2, 32, 4, 4)
+    out = ChannelFold(32, 64)(x)
+    assert torch.equal(out[:, :32], x) and not out[:, 32:].any()
+    model = tiny(ch_mult=[1, 2], spike_driven=True, shortcut="fold")
+    folds = [m for m in model.modules() if isinstance(m, ChannelFold)]
+    assert folds and not any(isinstance(getattr(m, "shortcut", None), torch.nn.Conv2d) for m in model.modules())

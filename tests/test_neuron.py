@@ -285,7 +285,8 @@ def test_graded_compensated_snn_is_the_ann_in_float64(bit):
 
 @pytest.mark.parametrize("fields", [{}, {"spike_driven": True}, {"spike_driven": True, "resample": "act_conv"},
                                     {"spike_driven": True, "resample": "signed_conv"},
-                                    {"spike_driven": True, "shortcut": "signed"}])
+                                    {"spike_driven": True, "shortcut": "signed"},
+                                    {"spike_driven": True, "shortcut": "fold"}])
 def test_two_phase_compensated_snn_is_the_ann_in_float64(fields):
     """Two-phase neurons + compensated GroupNorm: the SNN is its ANN to float64 rounding, with
     binary spikes only (signed ones for the signed quantizer), for the seed's and the spike-driven UNets."""

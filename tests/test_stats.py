@@ -213,7 +213,8 @@ def test_a_spike_driven_unet_reads_analog_values_only_at_its_inputs():
     """--spike_driven (every resampling): only the head conv and the first time-embedding linear
     read analog values, in the ANN (quantized inputs elsewhere) and in its two-phase SNN."""
     torch.manual_seed(0)
-    for resample, shortcut in (("pool", "act"), ("act_conv", "act"), ("signed_conv", "act"), ("pool", "signed")):
+    for resample, shortcut in (("pool", "act"), ("act_conv", "act"), ("signed_conv", "act"), ("pool", "signed"),
+                             ("pool", "fold")):
         ann = unet(100, **DEMO, spike_driven=True, resample=resample, shortcut=shortcut).eval()
         for model, driven in ((ann, "quantized"), (convert(ann, "two_phase", "compensated"), "spikes")):
             monitor = SpikeMonitor(model)
