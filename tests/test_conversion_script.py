@@ -183,3 +183,18 @@ def test_spike_driven_model_reads_analog_values_only_at_its_inputs(tmp_path):
     assert {r["name"] for r in layers if r["input"] != "spikes"} == {"head", "time_embedding.timembedding.1"}
     assert any(r["name"].endswith("shortcut") for r in layers) and report["spike_driven"] is True
     assert report["resample"] == "pool" and report["noise_relative_error_float64"] < 1e-12
+
+
+def test_spike_driven_demo_flagfiles(tmp_path):
+    """config/*/demo_spike_driven.txt: the demo's model with --spike_driven, stored in its
+    checkpoint, converted into two-phase neurons with compensated GroupNorm."""
+    from helpers import run_script
+    run_script("ANN_train.py", "--flagfile=config/train_ANN/demo_spike_driven.txt", f"--logdir={tmp_path}",
+               "--total_steps=2", "--save_step=2", "--sample_step=0", "--batch_size=2", "--kernels=reference")
+    unet_cfg = torch.load(tmp_path / "ckpt.pt", weights_only=False)["config"]["unet"]
+    assert unet_cfg["spike_driven"] is True and unet_cfg["ch"] == 32 and unet_cfg["num_groups"] == 8
+    proc = convert_script("--flagfile=config/SNN_convert/demo_spike_driven.txt", f"--logdir={tmp_path}",
+                          "--kernels=reference", *SMALL_RUN)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "conversion.json").read_text())
+    assert (report["neuron"], report["norm"], report["spike_driven"]) == ("two_phase", "compensated", True)
