@@ -121,7 +121,7 @@ def convert_and_measure(logdir, device):
         "noise_relative_error_float64": error64, "val_size": FLAGS.val_size,
         "val_images": "held-out" if held_out else "ANN samples",
         "sample_relative_error": agreement.relative_error(snn_x, ann_x), **configs.to_dict(sampler_cfg),
-        "sample_size": FLAGS.sample_size, "seed": FLAGS.seed, "spike_stats": stats,
+        "network_calls": calls, "sample_size": FLAGS.sample_size, "seed": FLAGS.seed, "spike_stats": stats,
         "energy": per_image(stats, calls), "wall_s": round(time.time() - start, 1),
     }
 
@@ -136,8 +136,8 @@ def main(argv):
         report = os.path.join(logdir, cflags.tagged("conversion.json"))
         write_json(result, report)
         stats = result["spike_stats"]
-        print(f"noise prediction relative error {result['noise_relative_error']:.4f} (the ANN's own float32 vs "
-              f"float64: {result['ann_float32_vs_float64']:.4f}; float64 SNN: {result['noise_relative_error_float64']:.2e}), "
+        print(f"noise prediction relative error {result['noise_relative_error']:.3g} (the ANN's own float32 vs "
+              f"float64: {result['ann_float32_vs_float64']:.3g}; float64 SNN: {result['noise_relative_error_float64']:.2e}), "
               f"firing rate {stats['firing_rate']:.4f}, latency {result['latency_steps']} steps a call, energy per "
               f"network call of one image {stats['energy_pJ_per_sample'] / 1e6:.2f} uJ (SNN) vs "
               f"{stats['ann_energy_pJ_per_sample'] / 1e6:.2f} uJ (ANN, float MACs: "
