@@ -56,7 +56,7 @@ class TimeEmbedding(nn.Module):
 
 
 RESAMPLE = ("conv", "pool", "act_conv", "signed_conv")
-SHORTCUTS = ("x", "act", "signed", "fold")
+SHORTCUTS = ("x", "act", "signed", "fold", "fold_act")
 
 
 class AnalogInput(nn.Identity):
@@ -167,7 +167,8 @@ class ResBlock(nn.Module):
     ``shortcut_reads`` (``UNetConfig.shortcut``): ``x`` (pytorch-ddpm: the analog stream), ``act``
     the block's own first activation act(GroupNorm(x)), or ``signed`` a signed quantizer of x
     (levels -L..L): the latter two are quantized activations (spikes in the SNN). ``fold``: no
-    conv, x folded onto the output channels (``ChannelFold``).
+    conv, x folded onto the output channels (``ChannelFold``); ``fold_act``: both, the fold of x
+    plus the 1x1 conv of the block's first activation, that conv starting at zero.
     """
 
     def __init__(self, in_ch, out_ch, tdim, layers, attn=False, shortcut_reads="x"):
@@ -180,7 +181,8 @@ class ResBlock(nn.Module):
         self.shortcut = conv(in_ch, out_ch, 1, stride=1, padding=0) if in_ch != out_ch else nn.Identity()
         if in_ch != out_ch and shortcut_reads == "fold":
             self.shortcut = ChannelFold(in_ch, out_ch)
-        self.shortcut_reads_act = shortcut_reads == "act" and in_ch != out_ch
+        self.fold = ChannelFold(in_ch, out_ch) if in_ch != out_ch and shortcut_reads == "fold_act" else None
+        self.shortcut_reads_act = shortcut_reads in ("act", "fold_act") and in_ch != out_ch
         self.shortcut_input = nn.Identity()
         if in_ch != out_ch and shortcut_reads in ("x", "signed"):
             self.shortcut_input = layers.act(signed=True) if shortcut_reads == "signed" else AnalogInput()
@@ -191,11 +193,15 @@ class ResBlock(nn.Module):
                     init.xavier_uniform_(module.weight)
                     init.zeros_(module.bias)
         init.xavier_uniform_(self.block2[-1].weight, gain=1e-5)
+        if self.fold is not None:  # the learned part of fold_act starts at zero: the block starts as fold
+            init.zeros_(self.shortcut.weight)
 
     def forward(self, x, temb):
         a = self.block1[1](self.block1[0](x))  # act(GN(x))
         h = self.block1[2](a)
         skip = self.shortcut(a) if self.shortcut_reads_act else self.shortcut(self.shortcut_input(x))
+        if self.fold is not None:
+            skip = skip + self.fold(x)
         h = h + self.temb_proj(temb)[:, :, None, None]
         h = self.block2(h)
         h = h + skip

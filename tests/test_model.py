@@ -167,3 +167,16 @@ def test_fold_shortcut_is_a_fixed_sum_of_channels():
     model = tiny(ch_mult=[1, 2], spike_driven=True, shortcut="fold")
     folds = [m for m in model.modules() if isinstance(m, ChannelFold)]
     assert folds and not any(isinstance(getattr(m, "shortcut", None), torch.nn.Conv2d) for m in model.modules())
+
+
+def test_fold_act_starts_as_fold():
+    """--shortcut=fold_act: the fold of x plus a 1x1 conv of act(GN(x)) that starts at zero."""
+    import torch.nn as nn
+    model = tiny(ch_mult=[1, 2], spike_driven=True, shortcut="fold_act").eval()
+    block = next(m for m in model.downblocks if isinstance(getattr(m, "shortcut", None), nn.Conv2d))
+    assert block.fold is not None and not block.shortcut.weight.any()
+    x, temb = torch.randn(2, 32, 8, 8), torch.randn(2, 128)
+    with torch.no_grad():
+        h = block.block1(x) + block.temb_proj(temb)[:, :, None, None]
+        assert torch.equal(block(x, temb), block.block2(h) + (block.shortcut(block.block1[1](block.block1[0](x)))
+                                                             + block.fold(x)))
