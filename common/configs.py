@@ -22,7 +22,7 @@ class UNetConfig:
     num_groups: int = 32                # GroupNorm groups (pytorch-ddpm: 32; keep ch / num_groups >= 2)
     spike_driven: bool = False          # every weight layer after the head reads a quantized activation
     resample: str = ""                  # conv / pool / act_conv / signed_conv; '': conv, or pool if spike_driven
-    shortcut: str = ""                  # channel-changing shortcuts: x / act / signed / fold; '': x, or act if spike_driven
+    shortcut: str = ""                  # where channels change: x / act / signed / fold / fold_sum / fold_act; '': x, or fold
 
     @property
     def resampling(self):
@@ -32,7 +32,7 @@ class UNetConfig:
     @property
     def shortcut_reads(self):
         """What the 1x1 shortcuts read: ``shortcut``, or its default for the kind of UNet."""
-        return self.shortcut or ("act" if self.spike_driven else "x")
+        return self.shortcut or ("fold" if self.spike_driven else "x")
 
     @property
     def levels(self):

@@ -54,12 +54,12 @@ def define_model_flags():
                            "pooling / nearest upsampling without weights (DDPM's resamp_with_conv=False), "
                            "act_conv = GroupNorm and a quantized ReLU before the conv, signed_conv = a signed "
                            "quantizer before the conv; empty: conv, or pool with --spike_driven")
-    flags.DEFINE_enum("shortcut", "", ["", "x", "act", "signed", "fold", "fold_act"],
+    flags.DEFINE_enum("shortcut", "", ["", "x", "act", "signed", "fold", "fold_sum", "fold_act"],
                       help="the ResBlock shortcuts where the channels change: a 1x1 conv of x = the analog stream "
                            "(pytorch-ddpm), act = the block's first activation act(GroupNorm(x)), signed = a signed "
-                           "quantizer of x; fold = no conv, x's channels zero-padded and summed in groups onto the "
-                           "output's; fold_act = fold plus the 1x1 conv of act; empty: x, or the spike-driven "
-                           "default with --spike_driven")
+                           "quantizer of x; fold = no conv, x's channels zero-padded and averaged in groups onto the "
+                           "output's (fold_sum: summed); fold_act = fold_sum plus the 1x1 conv of act; empty: x, or "
+                           "fold with --spike_driven")
     # Quantization
     flags.DEFINE_integer("bit", 2, help="activation bits; the SNN runs T = 2**bit - 1 steps; 32 = full precision")
     flags.DEFINE_float("alpha_init", 6.0, help="initial act_alpha (clipping threshold) of the quantized activations")

@@ -56,7 +56,7 @@ class TimeEmbedding(nn.Module):
 
 
 RESAMPLE = ("conv", "pool", "act_conv", "signed_conv")
-SHORTCUTS = ("x", "act", "signed", "fold", "fold_act")
+SHORTCUTS = ("x", "act", "signed", "fold", "fold_sum", "fold_act")
 
 
 class AnalogInput(nn.Identity):
@@ -141,23 +141,26 @@ class AttnBlock(nn.Module):
 
 class ChannelFold(nn.Module):
     """A shortcut without weights from ``in_ch`` to ``out_ch`` channels: x [B, in_ch, H, W] zero-padded
-    to k * out_ch channels (k = ceil(in_ch / out_ch)) and summed over the k groups -> [B, out_ch, H, W].
+    to k * out_ch channels (k = ceil(in_ch / out_ch)), summed over the k groups and, with ``mean``,
+    divided by k -> [B, out_ch, H, W] (the mean keeps the stream's scale where the up blocks fold
+    their concatenated skip tensors onto it, once per block).
 
     Fewer channels in than out: x itself on the first channels, zeros on the rest. It keeps the
-    stream analog and exact (additions only), so no weight layer reads it.
+    stream analog and exact (additions and a fixed scale), so no weight layer reads it.
     """
 
-    def __init__(self, in_ch, out_ch):
+    def __init__(self, in_ch, out_ch, mean=True):
         super().__init__()
-        self.in_ch, self.out_ch = in_ch, out_ch
+        self.in_ch, self.out_ch, self.mean = in_ch, out_ch, mean
 
     def forward(self, x):
         k = -(-self.in_ch // self.out_ch)
         x = F.pad(x, (0, 0, 0, 0, 0, k * self.out_ch - self.in_ch))
-        return x.view(x.shape[0], k, self.out_ch, *x.shape[2:]).sum(1)
+        folded = x.view(x.shape[0], k, self.out_ch, *x.shape[2:]).sum(1)
+        return folded / k if self.mean else folded
 
     def extra_repr(self):
-        return f"{self.in_ch} -> {self.out_ch}"
+        return f"{self.in_ch} -> {self.out_ch}, {'mean' if self.mean else 'sum'}"
 
 
 class ResBlock(nn.Module):
@@ -167,8 +170,9 @@ class ResBlock(nn.Module):
     ``shortcut_reads`` (``UNetConfig.shortcut``): ``x`` (pytorch-ddpm: the analog stream), ``act``
     the block's own first activation act(GroupNorm(x)), or ``signed`` a signed quantizer of x
     (levels -L..L): the latter two are quantized activations (spikes in the SNN). ``fold``: no
-    conv, x folded onto the output channels (``ChannelFold``); ``fold_act``: both, the fold of x
-    plus the 1x1 conv of the block's first activation, that conv starting at zero.
+    conv, x folded onto the output channels (``ChannelFold``, the mean of each group; ``fold_sum``
+    its sum); ``fold_act``: the summed fold of x plus the 1x1 conv of the block's first
+    activation, that conv starting at zero.
     """
 
     def __init__(self, in_ch, out_ch, tdim, layers, attn=False, shortcut_reads="x"):
@@ -179,9 +183,9 @@ class ResBlock(nn.Module):
         self.block2 = nn.Sequential(
             layers.norm(out_ch), act(), nn.Dropout(layers.dropout), conv(out_ch, out_ch, 3, stride=1, padding=1))
         self.shortcut = conv(in_ch, out_ch, 1, stride=1, padding=0) if in_ch != out_ch else nn.Identity()
-        if in_ch != out_ch and shortcut_reads == "fold":
-            self.shortcut = ChannelFold(in_ch, out_ch)
-        self.fold = ChannelFold(in_ch, out_ch) if in_ch != out_ch and shortcut_reads == "fold_act" else None
+        if in_ch != out_ch and shortcut_reads in ("fold", "fold_sum"):
+            self.shortcut = ChannelFold(in_ch, out_ch, mean=shortcut_reads == "fold")
+        self.fold = ChannelFold(in_ch, out_ch, mean=False) if in_ch != out_ch and shortcut_reads == "fold_act" else None
         self.shortcut_reads_act = shortcut_reads in ("act", "fold_act") and in_ch != out_ch
         self.shortcut_input = nn.Identity()
         if in_ch != out_ch and shortcut_reads in ("x", "signed"):

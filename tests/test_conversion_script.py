@@ -173,15 +173,16 @@ def test_two_phase_mode_is_exact_with_binary_spikes(tmp_path):
 
 
 def test_spike_driven_model_reads_analog_values_only_at_its_inputs(tmp_path):
-    """A --spike_driven checkpoint (two levels: resampling and 1x1 shortcuts exist) converts so that
-    only the head conv and the first time-embedding linear read analog values."""
+    """A --spike_driven checkpoint (two levels, so resampling and channel changes exist) converts
+    so that only the head conv and the first time-embedding linear read analog values: its
+    shortcuts are folds and its resampling pools, without weights."""
     write_ckpt(tmp_path, spike_driven=True, ch_mult=[1, 2])
     proc = convert_script(f"--logdir={tmp_path}", "--neuron=two_phase", "--norm=compensated", *SMALL_RUN)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "conversion.json").read_text())
     layers = [r for r in report["spike_stats"]["layers"] if r["type"] != "neuron"]
     assert {r["name"] for r in layers if r["input"] != "spikes"} == {"head", "time_embedding.timembedding.1"}
-    assert any(r["name"].endswith("shortcut") for r in layers) and report["spike_driven"] is True
+    assert not any(r["name"].endswith(("shortcut", "main")) for r in layers) and report["spike_driven"] is True
     assert report["resample"] == "pool" and report["noise_relative_error_float64"] < 1e-12
 
 

@@ -114,7 +114,7 @@ def test_spike_driven_layers_read_activations():
     quantizer, signed_conv a signed quantizer before the conv."""
     import torch.nn as nn
     import torch.nn.functional as F
-    model = tiny(ch_mult=[1, 2], spike_driven=True).eval()
+    model = tiny(ch_mult=[1, 2], spike_driven=True, shortcut="act").eval()
     block = next(m for m in model.downblocks if isinstance(getattr(m, "shortcut", None), nn.Conv2d))
     seen = {}
     block.block1[1].register_forward_hook(lambda m, a, out: seen.update(act=out))
@@ -154,17 +154,19 @@ def test_spike_driven_needs_layers_that_read_spikes():
         tiny(ch_mult=[1, 2], shortcut="y")
 
 
-def test_fold_shortcut_is_a_fixed_sum_of_channels():
-    """--shortcut=fold: no weights; 96 -> 64 channels pads to 128 and adds channel c + 64 onto c
-    (c < 32 gets a second channel, the rest their own); 32 -> 64 is x and zeros."""
+def test_fold_shortcut_is_a_fixed_mean_of_channels():
+    """--shortcut=fold: no weights; 96 -> 64 channels pads to 128 (k = 2 groups) and averages
+    channel c and c + 64 (a padded zero for c >= 32); fold_sum adds them; 32 -> 64 is x and zeros."""
     from model.unet import ChannelFold
     x = torch.randn(2, 96, 4, 4)
-    out = ChannelFold(96, 64)(x)
-    assert torch.equal(out[:, :32], x[:, :32] + x[:, 64:]) and torch.equal(out[:, 32:], x[:, 32:64])
+    out, summed = ChannelFold(96, 64)(x), ChannelFold(96, 64, mean=False)(x)
+    assert torch.equal(summed[:, :32], x[:, :32] + x[:, 64:]) and torch.equal(summed[:, 32:], x[:, 32:64])
+    assert torch.equal(out, summed / 2)
     x = torch.randn(2, 32, 4, 4)
     out = ChannelFold(32, 64)(x)
     assert torch.equal(out[:, :32], x) and not out[:, 32:].any()
-    model = tiny(ch_mult=[1, 2], spike_driven=True, shortcut="fold")
+    model = tiny(ch_mult=[1, 2], spike_driven=True)  # fold is the spike-driven default
+    assert model.config.shortcut_reads == "fold"
     folds = [m for m in model.modules() if isinstance(m, ChannelFold)]
     assert folds and not any(isinstance(getattr(m, "shortcut", None), torch.nn.Conv2d) for m in model.modules())
 
