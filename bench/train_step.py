@@ -34,6 +34,7 @@ VARIANTS = {
     "signed_pool": {"spike_driven": True, "shortcut": "signed", "resample": "pool"},
     "signed_signed_conv": {"spike_driven": True, "shortcut": "signed", "resample": "signed_conv"},
     "fold_pool": {"spike_driven": True, "shortcut": "fold", "resample": "pool"},
+    "fold_sum_pool": {"spike_driven": True, "shortcut": "fold_sum", "resample": "pool"},
     "fold_act_pool": {"spike_driven": True, "shortcut": "fold_act", "resample": "pool"},
     "fold_act_act_conv": {"spike_driven": True, "shortcut": "fold_act", "resample": "act_conv"},
 }
