@@ -33,7 +33,7 @@ from common.progress import progress
 from metrics import scores, shards
 from metrics.report import append_jsonl, psnr
 from snn.io import Loaded, load_model
-from snn.stats import SpikeMonitor
+from snn.stats import SpikeMonitor, per_image
 
 cflags.define_model_flags()
 cflags.define_run_flags()
@@ -137,15 +137,15 @@ class Evaluation:
 
         Returns (images [N, C, H, W] in [-1, 1], energy fields). The monitor sees every sampler
         step, so its per-forward average represents the whole run; energy of a generated image =
-        energy of one forward of one sample x network calls per image.
+        energy of one forward of one sample x network calls per image (``snn.stats.per_image``),
+        split by layer role per call and per image.
         """
         monitor = SpikeMonitor(self.loaded.model)
         with monitor:
             images = self.sample(self.loaded.model, *self.probe_noise())
-        s, calls = monitor.summary(), self.sampler.network_calls
-        return images, {"energy_pJ_per_image": s["energy_pJ_per_sample"] * calls,
-                        "ann_energy_pJ_per_image": s["ann_energy_pJ_per_sample"] * calls,
-                        "energy_ratio_ann_over_snn": s["ann_energy_pJ_per_sample"] / max(s["energy_pJ_per_sample"], 1e-30),
+        s = monitor.summary()
+        return images, {**per_image(s, self.sampler.network_calls),
+                        "energy_breakdown_pJ_per_call": s["energy_breakdown"],
                         "firing_rate": s.get("firing_rate"), "energy_forwards_metered": s.get("num_forwards")}
 
     def agreement(self, snn_images, ann_path):
@@ -177,8 +177,11 @@ class Evaluation:
     def describe(self):
         """The fields of a snn_eval.txt line that say what was evaluated and how."""
         snn = configs.to_dict(self.loaded.snn) if self.loaded.snn else {"neuron": None, "norm": None}
-        return {"model_path": FLAGS.eval_model_path, "kind": self.loaded.kind, "bit": self.loaded.config.unet.bit,
-                "time_steps": self.loaded.ckpt.get("time_steps"), **snn, "sampler": self.sampler_cfg.sampler,
+        model, unet = self.loaded.model, self.loaded.config.unet
+        return {"model_path": FLAGS.eval_model_path, "kind": self.loaded.kind, "bit": unet.bit,
+                "time_steps": self.loaded.ckpt.get("time_steps"), **snn,
+                "latency_steps": model.latency_steps() if self.loaded.kind == "snn" else None,
+                "spike_driven": unet.spike_driven, "resample": unet.resampling, "sampler": self.sampler_cfg.sampler,
                 "sample_steps": self.sampler.network_calls,
                 "eta": self.sampler_cfg.eta if self.sampler_cfg.sampler == "ddim" else None,
                 "clip_denoised": self.sampler_cfg.clip_denoised, "num_images": FLAGS.num_images,

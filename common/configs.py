@@ -21,6 +21,19 @@ class UNetConfig:
     alpha_init: float = 6.0             # initial clipping threshold act_alpha
     num_groups: int = 32                # GroupNorm groups (pytorch-ddpm: 32; keep ch / num_groups >= 2)
     img_channels: int = 3               # image channels in and out: 1 grayscale, 3 RGB (DATASET_CHANNELS)
+    spike_driven: bool = False          # every weight layer after the head reads a quantized activation
+    resample: str = ""                  # conv / pool / act_conv / signed_conv; '': conv, or pool if spike_driven
+    shortcut: str = ""                  # where channels change: x / act / signed / fold / fold_sum / fold_act; '': x, or fold
+
+    @property
+    def resampling(self):
+        """How the UNet resamples: ``resample``, or its default for the kind of UNet."""
+        return self.resample or ("pool" if self.spike_driven else "conv")
+
+    @property
+    def shortcut_reads(self):
+        """What the 1x1 shortcuts read: ``shortcut``, or its default for the kind of UNet."""
+        return self.shortcut or ("fold" if self.spike_driven else "x")
 
     @property
     def levels(self):
@@ -90,7 +103,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class SNNConfig:
     """How a quantized ANN becomes a spiking UNet; its time steps follow from ``bit``."""
-    neuron: str = "graded"              # graded (signed, integer spikes) / if (binary, the seed's) / signed (Fast-SNN)
+    neuron: str = "graded"              # graded (integer spikes) / two_phase (binary) / if (the seed's) / signed (Fast-SNN)
     norm: str = "compensated"           # compensated: exact in total / step: GroupNorm per time step (the seed's)
 
     @staticmethod

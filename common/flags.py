@@ -50,6 +50,20 @@ def define_model_flags():
     flags.DEFINE_integer("img_channels", None, help="image channels of the UNet: 1 (grayscale) or 3 (RGB); default: "
                          "the dataset's (mnist, fashion_mnist: 1; cifar10, celeba, shapes, folder: 3); "
                          "--dataset=folder --img_channels=1 converts the images to grayscale")
+    flags.DEFINE_bool("spike_driven", False, help="every weight layer after the head reads a quantized activation "
+                      "(spikes in the SNN): no 1x1 shortcut and no resampling conv reads the analog stream; "
+                      "off: pytorch-ddpm's UNet (docs/energy.md)")
+    flags.DEFINE_enum("resample", "", ["", "conv", "pool", "act_conv", "signed_conv"],
+                      help="down/up-sampling: conv = a 3x3 conv of the stream (pytorch-ddpm), pool = average "
+                           "pooling / nearest upsampling without weights (DDPM's resamp_with_conv=False), "
+                           "act_conv = GroupNorm and a quantized ReLU before the conv, signed_conv = a signed "
+                           "quantizer before the conv; empty: conv, or pool with --spike_driven")
+    flags.DEFINE_enum("shortcut", "", ["", "x", "act", "signed", "fold", "fold_sum", "fold_act"],
+                      help="the ResBlock shortcuts where the channels change: a 1x1 conv of x = the analog stream "
+                           "(pytorch-ddpm), act = the block's first activation act(GroupNorm(x)), signed = a signed "
+                           "quantizer of x; fold = no conv, x's channels zero-padded and averaged in groups onto the "
+                           "output's (fold_sum: summed); fold_act = fold_sum plus the 1x1 conv of act; empty: x, or "
+                           "fold with --spike_driven")
     # Quantization
     flags.DEFINE_integer("bit", 2, help="activation bits; the SNN runs T = 2**bit - 1 steps; 32 = full precision")
     flags.DEFINE_float("alpha_init", 6.0, help="initial act_alpha (clipping threshold) of the quantized activations")
@@ -65,6 +79,11 @@ def define_model_flags():
     flags.register_multi_flags_validator(
         ["ch", "num_groups"], lambda v: v["ch"] > 0 and v["num_groups"] > 0 and v["ch"] % v["num_groups"] == 0,
         message="--ch must be a positive multiple of --num_groups (the GroupNorm groups)")
+    flags.register_multi_flags_validator(
+        ["spike_driven", "resample", "shortcut"],
+        lambda v: not (v["spike_driven"] and (v["resample"] == "conv" or v["shortcut"] == "x")),
+        message="--spike_driven needs layers that read spikes: --resample=pool, act_conv or signed_conv and "
+                "--shortcut=act, signed or fold (or leave them out)")
     flags.register_validator("ch_mult", lambda m: bool(m) and min(m) >= 1,
                              message="--ch_mult needs at least one level, every multiplier at least 1")
     _positive("num_res_blocks")
@@ -147,10 +166,12 @@ def define_sampler_flags():
 
 
 def define_snn_flags():
-    flags.DEFINE_enum("neuron", "graded", ["if", "signed", "graded"],
+    flags.DEFINE_enum("neuron", "graded", ["if", "signed", "graded", "two_phase"],
                       help="spiking neuron: graded = signed with integer (burst) spikes, exact with "
-                           "--norm=compensated; if = binary integrate-and-fire (the seed's); signed = Fast-SNN's "
-                           "signed neuron (docs/conversion.md)")
+                           "--norm=compensated; two_phase = binary spikes fired after the whole window is "
+                           "integrated, exact with --norm=compensated, (depth + 1) x T steps of latency; "
+                           "if = binary integrate-and-fire (the seed's); signed = Fast-SNN's signed neuron "
+                           "(docs/conversion.md)")
     flags.DEFINE_bool("sign", None, help="shorthand: --sign is --neuron=signed, --nosign is --neuron=if")
     flags.DEFINE_enum("norm", "compensated", ["step", "compensated"],
                       help="GroupNorm of the SNN: compensated = exact over the time steps; step = every time "
