@@ -24,6 +24,7 @@ from common.atomic import atomic_open, remove_stale_temporaries
 from common.ema import update_ema
 from common.errors import UserError, run
 from common.images import save_grid
+from common.lock import folder_lock
 from common.models import build_sampler, build_unet, load_init
 from common.progress import progress
 from quant import QuantReLU
@@ -57,6 +58,8 @@ flags.register_validator("grad_clip", lambda v: v > 0, message="--grad_clip must
 flags.register_validator("ema_decay", lambda v: 0 <= v <= 1, message="--ema_decay must be in [0, 1]")
 flags.register_validator("snr_gamma", lambda v: v >= 0, message="--snr_gamma must be 0 (off) or positive")
 FLAGS = flags.FLAGS
+
+RESUME_KEYS = ("net_model", "ema_model", "optim", "sched", "step", "x_T")  # what a run continues from
 
 
 def warmup_lr(warmup):
@@ -92,8 +95,7 @@ class TrainLoop:
                 print(f"--init {FLAGS.init}: {len(initialised)} quantizer thresholds start at their initial value")
         optim = torch.optim.Adam(net_model.parameters(), lr=cfg.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda=warmup_lr(cfg.warmup))
-        size = model_cfg.data.img_size
-        x_T = torch.randn(FLAGS.sample_size, 3, size, size, generator=runtime.generator(cfg.seed))
+        x_T = torch.randn(FLAGS.sample_size, *model_cfg.image_shape, generator=runtime.generator(cfg.seed))
         sampler_cfg = cflags.sampler_config(model_cfg.diffusion.T)
         build_sampler(model_cfg, sampler_cfg)  # a sampler the model cannot use fails here, before training
         return cls(cfg, model_cfg, rt, logdir, net_model, copy.deepcopy(net_model), optim, sched, x_T, sampler_cfg)
@@ -101,10 +103,14 @@ class TrainLoop:
     def restore(self, ckpt):
         """Continue from ``ckpt``: weights, Adam, schedule, step and sample noise; the learning rate
         and warm-up of ``self.cfg`` apply from here on."""
-        self.net_model.load_state_dict(ckpt["net_model"])
-        self.ema_model.load_state_dict(ckpt["ema_model"])
-        self.optim.load_state_dict(ckpt["optim"])
-        self.sched.load_state_dict(ckpt["sched"])
+        checkpoint.load_weights(self.net_model, ckpt["net_model"], self.ckpt_path)
+        checkpoint.load_weights(self.ema_model, ckpt["ema_model"], self.ckpt_path)
+        try:
+            self.optim.load_state_dict(ckpt["optim"])
+            self.sched.load_state_dict(ckpt["sched"])
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise UserError(f"{self.ckpt_path}: its optimiser state does not fit this model ({type(err).__name__}: "
+                            f"{err})") from None
         self.sched.base_lrs = [self.cfg.lr] * len(self.optim.param_groups)
         for group in self.optim.param_groups:
             group["initial_lr"] = self.cfg.lr
@@ -119,7 +125,7 @@ class TrainLoop:
         }, self.ckpt_path)
 
     def train_step(self, model, diffusion, batch):
-        """One optimisation step on this rank's batch [B, 3, H, W]; every random draw of step
+        """One optimisation step on this rank's batch [B, C, H, W]; every random draw of step
         ``self.step`` (flips, t, noise, dropout) is seeded by (seed, step, rank) alone."""
         seed = runtime.derived_seed(self.cfg.seed, self.step, self.rt.rank)
         torch.manual_seed(seed)  # dropout draws from the global generator
@@ -212,8 +218,11 @@ def load_resumable(path):
     if not os.path.exists(path):
         return None
     ckpt = checkpoint.load_checkpoint(path)
-    if "net_model" not in ckpt:
-        raise UserError(f"{path} is not a training checkpoint (no 'net_model'): is it an SNN checkpoint?")
+    if checkpoint.is_snn(ckpt):
+        raise UserError(f"{path} is an SNN checkpoint, not a training checkpoint: give another --logdir")
+    checkpoint.require(ckpt, path, RESUME_KEYS, "resuming training")
+    if not isinstance(ckpt["step"], int) or not torch.is_tensor(ckpt["x_T"]):
+        raise UserError(f"{path} is damaged: its 'step' or 'x_T' entry has the wrong type")
     if FLAGS.init:
         raise UserError(f"--init={FLAGS.init} starts a new run, but {path} already exists: resume without --init, "
                         "or give another --logdir")
@@ -233,6 +242,12 @@ def prepare_logdir(logdir, rt):
 
 def main(argv):
     logdir = cflags.logdir()
+    with folder_lock(logdir, enabled=runtime.launch_rank() == 0):
+        train(logdir)
+
+
+def train(logdir):
+    """Stage 1 in ``logdir``: a new run, or the one its ``ckpt.pt`` continues."""
     ckpt_path = os.path.join(logdir, "ckpt.pt")
     ckpt = load_resumable(ckpt_path)
     model_cfg = cflags.model_config(checkpoint.model_config(ckpt) if ckpt else None, ckpt_path)
@@ -241,7 +256,8 @@ def main(argv):
         print(f"{ckpt_path} is already at step {ckpt['step']} >= --total_steps={cfg.total_steps}; nothing to do")
         return
     rt = runtime.setup(cfg.seed)
-    dataset = data.load_dataset(model_cfg.data.dataset, FLAGS.data_dir, model_cfg.data.img_size)
+    dataset = data.load_dataset(model_cfg.data.dataset, FLAGS.data_dir, model_cfg.data.img_size,
+                                channels=model_cfg.unet.img_channels)
     loop = TrainLoop.create(cfg, model_cfg, rt, logdir)
     if ckpt:
         loop.restore(ckpt)

@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON = $(VENV)/bin/python
 DEMO_LOGDIR = ./logs/demo
 
-.PHONY: test test-gpu demo bench clean-demo
+.PHONY: test test-gpu demo demo-energy bench clean-demo
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv --system-site-packages $(VENV)
@@ -42,8 +42,29 @@ demo: $(VENV)/.installed
 	@echo "  stage 3  SNN_2bit_ft_seed/ (finetune.json, model_backpacks/, ft_blocks_samples/)"
 	@echo "  stage 4  snn_eval.txt, images/, results.md (the table above)"
 
+# The energy demo: the spike-driven UNet (config/train_ANN/demo_spike_driven.txt, the demo's settings
+# and budget) beside the seed's UNet of `make demo` (trained here too if it is not there yet, or
+# resumed), both converted with two-phase neurons and compensated GroupNorm; each model is
+# evaluated, the results table written to logs/demo_spike_driven/results.md, and bench/energy.py
+# prints where the energy goes and draws it into logs/demo_spike_driven/energy.png.
+SD_LOGDIR = ./logs/demo_spike_driven
+TWO_PHASE = --neuron=two_phase --norm=compensated --tag=two_phase
+
+demo-energy: $(VENV)/.installed
+	$(PYTHON) ANN_train.py --flagfile config/train_ANN/demo.txt
+	$(PYTHON) ANN_train.py --flagfile config/train_ANN/demo_spike_driven.txt
+	$(PYTHON) SNN_conversion.py --flagfile config/SNN_convert/demo.txt $(TWO_PHASE)
+	$(PYTHON) SNN_conversion.py --flagfile config/SNN_convert/demo_spike_driven.txt
+	$(DEMO_EVAL) --logdir=$(SD_LOGDIR) --eval_model_path=$(DEMO_LOGDIR)/ckpt.pt
+	$(DEMO_EVAL) --logdir=$(SD_LOGDIR) --eval_model_path=$(DEMO_LOGDIR)/converted_snn_two_phase.pt
+	$(DEMO_EVAL) --logdir=$(SD_LOGDIR) --eval_model_path=$(SD_LOGDIR)/ckpt.pt
+	$(PYTHON) evaluate.py --flagfile config/SNN_evaluate/demo_spike_driven.txt
+	$(PYTHON) -m metrics.results --logdir=$(SD_LOGDIR)
+	$(PYTHON) bench/energy.py $(DEMO_LOGDIR)/ckpt.pt $(SD_LOGDIR)/ckpt.pt --neuron=two_phase --norm=compensated \
+		--labels "pytorch-ddpm UNet" "spike-driven UNet" --out $(SD_LOGDIR)/energy.png
+
 bench: $(VENV)/.installed
 	$(PYTHON) bench/run.py
 
 clean-demo:
-	rm -rf $(DEMO_LOGDIR)
+	rm -rf $(DEMO_LOGDIR) $(SD_LOGDIR)

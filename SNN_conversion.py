@@ -19,11 +19,12 @@ from common import flags as cflags
 from common.atomic import remove_stale_temporaries, write_json
 from common.errors import UserError, run
 from common.images import save_grid, side_by_side
+from common.lock import folder_lock
 from common.models import build_sampler, build_unet
 from common.progress import progress
 from snn import agreement
 from snn.io import load_training_ann, save_snn, to_snn
-from snn.stats import SpikeMonitor
+from snn.stats import SpikeMonitor, per_image
 
 cflags.define_model_flags()
 cflags.define_data_flags()
@@ -40,10 +41,9 @@ FLAGS = flags.FLAGS
 
 @torch.no_grad()
 def sample_pair(ann, snn, cfg, sampler_cfg, device):
-    """ANN and SNN samples [N, 3, H, W] from the same x_T and the same sampler noise."""
+    """ANN and SNN samples [N, C, H, W] from the same x_T and the same sampler noise."""
     _, sampler = build_sampler(cfg, sampler_cfg, device)
-    size = cfg.data.img_size
-    x_T = torch.randn(FLAGS.sample_size, 3, size, size, generator=runtime.generator(FLAGS.seed)).to(device)
+    x_T = torch.randn(FLAGS.sample_size, *cfg.image_shape, generator=runtime.generator(FLAGS.seed)).to(device)
     images = []
     for model in (ann, snn):
         generator = runtime.generator(runtime.derived_seed(FLAGS.seed, 2), device)
@@ -112,15 +112,17 @@ def convert_and_measure(logdir, device):
     (x_t, t), held_out = error_batch(cfg, device, ann_x)
     error, by_t, stats = noise_errors(ann_run, snn_run, x_t, t)
     ann_floor, error64 = float64_errors(ann, cfg, snn_cfg, x_t, t)
+    calls = build_sampler(cfg, sampler_cfg)[1].network_calls
     return {
         "bit": cfg.unet.bit, "time_steps": snn.time_steps, **configs.to_dict(snn_cfg),
+        "latency_steps": snn.latency_steps(), "spike_driven": cfg.unet.spike_driven, "resample": cfg.unet.resampling,
         "source": os.path.abspath(ckpt_path), "step": ckpt.get("step"), "snn_checkpoint": os.path.abspath(snn_path),
         "noise_relative_error": error, "noise_relative_error_by_t": by_t, "ann_float32_vs_float64": ann_floor,
         "noise_relative_error_float64": error64, "val_size": FLAGS.val_size,
         "val_images": "held-out" if held_out else "ANN samples",
         "sample_relative_error": agreement.relative_error(snn_x, ann_x), **configs.to_dict(sampler_cfg),
-        "network_calls": build_sampler(cfg, sampler_cfg)[1].network_calls, "sample_size": FLAGS.sample_size,
-        "seed": FLAGS.seed, "spike_stats": stats, "wall_s": round(time.time() - start, 1),
+        "network_calls": calls, "sample_size": FLAGS.sample_size, "seed": FLAGS.seed, "spike_stats": stats,
+        "energy": per_image(stats, calls), "wall_s": round(time.time() - start, 1),
     }
 
 
@@ -128,17 +130,20 @@ def main(argv):
     rt = runtime.setup(FLAGS.seed)
     logdir = cflags.logdir()
     if rt.is_main:
-        for folder in (logdir, os.path.join(logdir, "images")):
-            remove_stale_temporaries(folder)
-        result = convert_and_measure(logdir, rt.device)
-        report = os.path.join(logdir, cflags.tagged("conversion.json"))
-        write_json(result, report)
+        with folder_lock(logdir):
+            for folder in (logdir, os.path.join(logdir, "images")):
+                remove_stale_temporaries(folder)
+            result = convert_and_measure(logdir, rt.device)
+            report = os.path.join(logdir, cflags.tagged("conversion.json"))
+            write_json(result, report)
         stats = result["spike_stats"]
-        print(f"noise prediction relative error {result['noise_relative_error']:.4f} (the ANN's own float32 vs "
-              f"float64: {result['ann_float32_vs_float64']:.4f}; float64 SNN: {result['noise_relative_error_float64']:.2e}), "
-              f"firing rate {stats['firing_rate']:.4f}, energy per network call of one image "
-              f"{stats['energy_pJ_per_sample'] / 1e6:.2f} uJ (SNN) vs "
-              f"{stats['ann_energy_pJ_per_sample'] / 1e6:.2f} uJ (ANN) -> {report}")
+        print(f"noise prediction relative error {result['noise_relative_error']:.3g} (the ANN's own float32 vs "
+              f"float64: {result['ann_float32_vs_float64']:.3g}; float64 SNN: {result['noise_relative_error_float64']:.2e}), "
+              f"firing rate {stats['firing_rate']:.4f}, latency {result['latency_steps']} steps a call, energy per "
+              f"network call of one image {stats['energy_pJ_per_sample'] / 1e6:.2f} uJ (SNN) vs "
+              f"{stats['ann_energy_pJ_per_sample'] / 1e6:.2f} uJ (ANN, float MACs: "
+              f"{stats['energy_ratio_ann_over_snn']:.2f}x) and {stats['int_ann_energy_pJ_per_sample'] / 1e6:.2f} uJ "
+              f"(the ANN on integer activations: {stats['energy_ratio_int_ann_over_snn']:.2f}x) -> {report}")
     runtime.teardown(rt)  # the other ranks wait here for rank 0
 
 

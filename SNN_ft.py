@@ -25,6 +25,7 @@ from common import flags as cflags
 from common.atomic import remove_stale_temporaries, write_json
 from common.errors import UserError, run
 from common.images import save_grid
+from common.lock import folder_lock
 from common.models import build_sampler
 from common.progress import progress
 from snn import agreement, calibrate, finetune
@@ -63,6 +64,8 @@ FLAGS = flags.FLAGS
 
 # Changing these would make the stored errors incomparable with new ones.
 RESUME_FIXED = ("val_size", "seed", "judge_images", "judge_steps", "judge_eta")
+# What a backpack's 'finetune' entry holds for a run to continue from it.
+BACKPACK_STATE = ("next_block", "records", "source_sha256", "config", "converted_error", "val_error")
 
 
 def backpack_path(out_dir, index, name):
@@ -79,8 +82,9 @@ def latest_backpack(out_dir):
         except UserError as err:
             print(f"note: {err}; continuing from the backpack before it")
             continue
-        if "finetune" not in ckpt:
+        if not isinstance(ckpt.get("finetune"), dict) or not checkpoint.is_snn(ckpt):
             raise UserError(f"{path} is not a fine-tuning backpack (no 'finetune' entry); use --restart")
+        checkpoint.require(ckpt["finetune"], f"{path} (its 'finetune' entry)", BACKPACK_STATE, "resuming")
         return path, ckpt
     return None, None
 
@@ -125,8 +129,7 @@ class FinetuneRun:
         """A grid from fixed noise and a fixed sampler seed, so the grids of all blocks compare."""
         if FLAGS.sample_size <= 0:
             return
-        size = self.cfg.data.img_size
-        x_T = torch.randn(FLAGS.sample_size, 3, size, size, generator=runtime.generator(self.ft_cfg.seed))
+        x_T = torch.randn(FLAGS.sample_size, *self.cfg.image_shape, generator=runtime.generator(self.ft_cfg.seed))
         _, sampler = build_sampler(self.cfg, cflags.sampler_config(self.cfg.diffusion.T), self.rt.device)
         model = runtime.data_parallel(model, FLAGS.parallel and not self.rt.distributed)
         generator = runtime.generator(runtime.derived_seed(self.ft_cfg.seed, 2), self.rt.device)
@@ -261,8 +264,7 @@ def make_sample_error(ft_run):
                                rt.device)
     judge = None
     if rt.is_main:  # rank 0 judges; shared_error hands its number to every rank
-        size = ft_run.cfg.data.img_size
-        x_T = torch.randn(ft_cfg.judge_images, 3, size, size,
+        x_T = torch.randn(ft_cfg.judge_images, *ft_run.cfg.image_shape,
                           generator=runtime.generator(runtime.derived_seed(ft_cfg.seed, 3)))
         judge = agreement.SampleJudge(sampler, x_T.to(rt.device), runtime.derived_seed(ft_cfg.seed, 4), ft_run.ann)
     model = runtime.data_parallel(ft_run.snn, FLAGS.parallel and not rt.distributed)
@@ -295,8 +297,8 @@ def make_batches(ft_run, dataset):
     return batches_for
 
 
-def start(logdir, rt):
-    """The ``FinetuneRun`` to continue: from the last backpack, or from the converted SNN."""
+def load_source(logdir, rt):
+    """(the quantized ANN, its ModelConfig, its ckpt.pt, the fine-tuning folder), all checked first."""
     ckpt_path = os.path.join(logdir, "ckpt.pt")
     ann, cfg, _ = load_training_ann(ckpt_path, rt.device, cflags.kernels())
     cflags.model_config(cfg, ckpt_path)
@@ -304,7 +306,11 @@ def start(logdir, rt):
     if FLAGS.judge_steps > cfg.diffusion.T:
         raise UserError(f"--judge_steps={FLAGS.judge_steps} exceeds the model's T={cfg.diffusion.T} diffusion "
                         f"steps; give 1..{cfg.diffusion.T}")
-    out_dir = os.path.join(logdir, cflags.tagged(f"SNN_{cfg.unet.bit}bit_ft"))
+    return ann, cfg, ckpt_path, os.path.join(logdir, cflags.tagged(f"SNN_{cfg.unet.bit}bit_ft"))
+
+
+def start(ann, cfg, ckpt_path, out_dir, rt):
+    """The ``FinetuneRun`` to continue: from the last backpack, or from the converted SNN."""
     if FLAGS.restart and rt.is_main:
         clear_outputs(out_dir)
     runtime.barrier(rt)
@@ -315,7 +321,7 @@ def start(logdir, rt):
         state = {"next_block": 0, "records": [], "source": ckpt_path, "source_sha256": digest}
     else:
         snn_cfg, ft_cfg = resumed_settings(backpack, path, digest)
-        state = backpack["finetune"]
+        state = {"source": ckpt_path, **backpack["finetune"]}  # a backpack of the first format names no source
     snn = to_snn(ann, snn_cfg)
     if backpack is not None:
         checkpoint.load_weights(snn, backpack["model"], path)
@@ -337,9 +343,9 @@ def measure_converted(ft_run, validate, sample_error):
         ft_run.sample_grid(ft_run.snn, "converted")
 
 
-def main(argv):
-    rt = runtime.setup(FLAGS.seed)
-    ft_run = start(cflags.logdir(), rt)
+def tune(ft_run):
+    """Tune the blocks not yet tuned and write the results (every rank)."""
+    rt = ft_run.rt
     if rt.is_main:
         for sub in ("", "model_backpacks", "ft_blocks_samples"):
             remove_stale_temporaries(os.path.join(ft_run.out_dir, sub))
@@ -347,13 +353,13 @@ def main(argv):
     if ft_run.state["next_block"] >= n_blocks:
         if rt.is_main:
             print(f"all {n_blocks} blocks are already tuned (use --restart to tune again)")
-        ft_run.finish()
-        return runtime.teardown(rt)
+        return ft_run.finish()
     validate, probe = make_validator(ft_run, FLAGS.data_dir)
     sample_error = make_sample_error(ft_run)
     if ft_run.state["next_block"] == 0:
         measure_converted(ft_run, validate, sample_error)
-    dataset = data.load_dataset(ft_run.cfg.data.dataset, FLAGS.data_dir, ft_run.cfg.data.img_size)
+    dataset = data.load_dataset(ft_run.cfg.data.dataset, FLAGS.data_dir, ft_run.cfg.data.img_size,
+                                channels=ft_run.cfg.unet.img_channels)
     recorder = Recorder(ft_run)
     tuner = finetune.Tuner(ft_run.snn, ft_run.ann, ft_run.ft_cfg, validate, probe, rt.world_size,
                            recorder.on_step, recorder.on_block, sample_error, make_calibration(ft_run, dataset))
@@ -362,6 +368,13 @@ def main(argv):
     ft_run.finish()
     if recorder.writer is not None:
         recorder.writer.close()
+
+
+def main(argv):
+    rt = runtime.setup(FLAGS.seed)
+    ann, cfg, ckpt_path, out_dir = load_source(cflags.logdir(), rt)
+    with folder_lock(out_dir, enabled=rt.is_main):
+        tune(start(ann, cfg, ckpt_path, out_dir, rt))
     runtime.teardown(rt)
 
 

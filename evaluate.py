@@ -10,6 +10,7 @@ from them; under torchrun the ranks share the shards), then rank 0 computes IS a
 the PSNR between SNN and ANN samples drawn from the same noise. One JSON line per run is
 appended to ``<logdir>/snn_eval.txt`` (``docs/formats.md``).
 """
+import contextlib
 import functools
 import json
 import math
@@ -21,17 +22,18 @@ import torch
 from absl import flags
 from PIL import Image
 
-from common import configs, runtime
+from common import checkpoint, configs, runtime
 from common import flags as cflags
-from common.atomic import remove_stale_temporaries
+from common.atomic import remove_stale_temporaries, write_error
 from common.errors import UserError, run
 from common.images import save_grid
+from common.lock import folder_lock
 from common.models import build_sampler
 from common.progress import progress
 from metrics import scores, shards
 from metrics.report import append_jsonl, psnr
 from snn.io import Loaded, load_model
-from snn.stats import SpikeMonitor
+from snn.stats import SpikeMonitor, per_image
 
 cflags.define_model_flags()
 cflags.define_run_flags()
@@ -48,11 +50,14 @@ flags.DEFINE_enum("fid", "auto", ["auto", "require", "skip"],
                   help="FID and IS: auto = compute when the feature network and the statistics are there, "
                        "else skip with the reason; require = fail before sampling when they are not; skip")
 flags.DEFINE_enum("features", "auto", list(scores.FEATURES),
-                  help="feature network of the scores: inception (pytorch-gan-metrics: CIFAR-10, comparable with "
-                       "papers), shapes (the project's network for the shapes data: FID, IS over its 6 classes and "
-                       "recognisability) or auto (shapes for the shapes data, else inception)")
+                  help="feature network of the scores: inception (pytorch-gan-metrics, comparable with papers; "
+                       "grayscale images repeated to three channels), shapes (the project's network for the shapes "
+                       "data: FID, IS over its 6 classes and recognisability) or auto (shapes for the shapes data, "
+                       "else inception)")
 flags.DEFINE_string("fid_cache", None, help="reference statistics (.npz with mu, sigma); default: "
-                    "stats/cifar10.train.npz for CIFAR-10, the shapes network's file (made on first use) for shapes")
+                    "stats/<dataset>[<size>px].train.npz (stats/cifar10.train.npz for CIFAR-10, written by "
+                    "compute_fid_stats.py), the shapes network's file (made on first use) for shapes; a folder's "
+                    "statistics must be given")
 flags.DEFINE_integer("is_splits", 10, help="splits of the Inception Score")
 flags.DEFINE_integer("inception_batch", 50, help="batch size of the feature network")
 flags.DEFINE_integer("probe_images", 8, help="images sampled once more with the spike monitor on, for the energy "
@@ -77,10 +82,11 @@ def prepare_metrics(cfg, device):
     if FLAGS.num_images < FLAGS.is_splits:
         raise UserError(f"--num_images={FLAGS.num_images} is fewer than --is_splits={FLAGS.is_splits}: "
                         "the Inception Score needs at least one image per split (or give --fid=skip)")
-    kind = scores.feature_kind(FLAGS.features, cfg.data.dataset)
     try:
+        kind = scores.feature_kind(FLAGS.features, cfg.data.dataset)
         net = scores.load_features(kind, cfg.data.img_size, device, FLAGS.inception_batch)
-        stats, path = scores.reference_statistics(net, kind, cfg.data.dataset, cfg.data.img_size, FLAGS.fid_cache)
+        stats, path = scores.reference_statistics(net, kind, cfg.data.dataset, cfg.data.img_size, FLAGS.fid_cache,
+                                                  img_channels=cfg.unet.img_channels)
         return net, stats, path, None
     except UserError as err:
         if FLAGS.fid == "require":
@@ -102,14 +108,17 @@ class Evaluation:
         return build_sampler(self.loaded.config, self.sampler_cfg, self.rt.device)[1]
 
     def sample(self, model, x_T, generator):
-        """Images [B, 3, H, W] in [-1, 1] of ``model`` (DataParallel with --parallel) from x_T."""
+        """Images [B, C, H, W] in [-1, 1] of ``model`` (DataParallel with --parallel) from x_T."""
         net = runtime.data_parallel(model, FLAGS.parallel and not self.rt.distributed)
         return self.sampler(net, x_T, generator)
 
+    @property
+    def num_shards(self):
+        return -(-FLAGS.num_images // self.plan.shard_size)
+
     def generate(self):
         """This rank's shards (progress in images); returns (made, reused) shard counts."""
-        num_shards = -(-FLAGS.num_images // self.plan.shard_size)
-        mine, todo = shards.plan_shards(self.plan, num_shards, self.rt.rank, self.rt.world_size)
+        mine, todo = shards.plan_shards(self.plan, self.num_shards, self.rt.rank, self.rt.world_size)
         reused = len(mine) - len(todo)
         with progress(total=len(mine) * self.plan.shard_size, initial=reused * self.plan.shard_size, unit="img",
                       desc="sample", disable=not self.rt.is_main) as pbar:
@@ -118,30 +127,33 @@ class Evaluation:
         return made, reused
 
     def probe_noise(self):
-        """(x_T [--probe_images, 3, H, W], sampler generator) of the probe run, apart from the shards'."""
-        size = self.plan.img_size
-        x_T = torch.randn(FLAGS.probe_images, 3, size, size, generator=runtime.generator(FLAGS.seed + 1))
+        """(x_T [--probe_images, C, H, W], sampler generator) of the probe run, apart from the shards'."""
+        shape = self.loaded.config.image_shape
+        x_T = torch.randn(FLAGS.probe_images, *shape, generator=runtime.generator(FLAGS.seed + 1))
         return x_T.to(self.rt.device), runtime.generator(runtime.derived_seed(FLAGS.seed, 2), self.rt.device)
 
     def metered_sample(self):
         """The probe run: ``--probe_images`` images sampled with the spike monitor on.
 
-        Returns (images [N, 3, H, W] in [-1, 1], energy fields). The monitor sees every sampler
+        Returns (images [N, C, H, W] in [-1, 1], energy fields). The monitor sees every sampler
         step, so its per-forward average represents the whole run; energy of a generated image =
-        energy of one forward of one sample x network calls per image.
+        energy of one forward of one sample x network calls per image (``snn.stats.per_image``),
+        split by layer role per call and per image.
         """
         monitor = SpikeMonitor(self.loaded.model)
         with monitor:
             images = self.sample(self.loaded.model, *self.probe_noise())
-        s, calls = monitor.summary(), self.sampler.network_calls
-        return images, {"energy_pJ_per_image": s["energy_pJ_per_sample"] * calls,
-                        "ann_energy_pJ_per_image": s["ann_energy_pJ_per_sample"] * calls,
-                        "energy_ratio_ann_over_snn": s["ann_energy_pJ_per_sample"] / max(s["energy_pJ_per_sample"], 1e-30),
+        s = monitor.summary()
+        return images, {**per_image(s, self.sampler.network_calls),
+                        "energy_breakdown_pJ_per_call": s["energy_breakdown"],
                         "firing_rate": s.get("firing_rate"), "energy_forwards_metered": s.get("num_forwards")}
 
     def agreement(self, snn_images, ann_path):
         """PSNR (dB) between the SNN's probe images and its ANN's from the same noise (or why not)."""
-        ann = load_model(ann_path, self.rt.device, cflags.kernels())
+        try:
+            ann = load_model(ann_path, self.rt.device, cflags.kernels())
+        except UserError as err:  # a file found beside the SNN (--ann_path was checked before sampling)
+            return {"ann_path": ann_path, "agreement_note": str(err)}
         mine = self.loaded.config
         if ann.kind != "ann" or (ann.config.unet, ann.config.diffusion) != (mine.unet, mine.diffusion):
             return {"ann_path": ann_path, "agreement_note": f"{ann_path} is not the ANN of this SNN"}
@@ -165,8 +177,11 @@ class Evaluation:
     def describe(self):
         """The fields of a snn_eval.txt line that say what was evaluated and how."""
         snn = configs.to_dict(self.loaded.snn) if self.loaded.snn else {"neuron": None, "norm": None}
-        return {"model_path": FLAGS.eval_model_path, "kind": self.loaded.kind, "bit": self.loaded.config.unet.bit,
-                "time_steps": self.loaded.ckpt.get("time_steps"), **snn, "sampler": self.sampler_cfg.sampler,
+        model, unet = self.loaded.model, self.loaded.config.unet
+        return {"model_path": FLAGS.eval_model_path, "kind": self.loaded.kind, "bit": unet.bit,
+                "time_steps": self.loaded.ckpt.get("time_steps"), **snn,
+                "latency_steps": model.latency_steps() if self.loaded.kind == "snn" else None,
+                "spike_driven": unet.spike_driven, "resample": unet.resampling, "sampler": self.sampler_cfg.sampler,
                 "sample_steps": self.sampler.network_calls,
                 "eta": self.sampler_cfg.eta if self.sampler_cfg.sampler == "ddim" else None,
                 "clip_denoised": self.sampler_cfg.clip_denoised, "num_images": FLAGS.num_images,
@@ -186,10 +201,16 @@ def find_ann(model_path, ckpt, logdir):
 
 
 def write_images(images, folder):
-    """Every image of uint8 [N, H, W, 3] as ``folder/00000.png`` ..."""
+    """Every image of uint8 [N, H, W, C] as ``folder/00000.png`` ... (grayscale PNGs for C = 1)."""
     os.makedirs(folder, exist_ok=True)
     for i, img in enumerate(progress(images, desc="png", unit="img")):
-        Image.fromarray(img).save(os.path.join(folder, f"{i:05d}.png"))
+        path = os.path.join(folder, f"{i:05d}.png")
+        try:
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(path)
+        except OSError as err:  # a full disk: no half-written PNG is left behind
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            raise write_error(path, err) from None
 
 
 def score(images, metrics):
@@ -234,12 +255,15 @@ def setup(rt):
     """The ``Evaluation`` of ``--eval_model_path``, every setting checked before any sampling."""
     loaded = load_model(FLAGS.eval_model_path, rt.device, cflags.kernels())
     cflags.model_config(loaded.config, FLAGS.eval_model_path)  # explicit flags must agree with it
+    if FLAGS.ann_path:
+        checkpoint.load_checkpoint(FLAGS.ann_path)  # a file that is no ANN checkpoint fails here, not after sampling
     sampler_cfg = cflags.sampler_config(loaded.config.diffusion.T)
     _, sampler = build_sampler(loaded.config, sampler_cfg)
     logdir = cflags.logdir()
     folder = shards.shard_folder(logdir, FLAGS.eval_model_path, sampler_cfg, sampler.network_calls, FLAGS.seed,
                                  FLAGS.batch_size)
-    plan = shards.ShardPlan(folder, FLAGS.batch_size, loaded.config.data.img_size, FLAGS.seed)
+    plan = shards.ShardPlan(folder, FLAGS.batch_size, loaded.config.data.img_size, FLAGS.seed,
+                            loaded.config.unet.img_channels)
     return Evaluation(loaded, sampler_cfg, plan, rt, logdir)
 
 
@@ -247,6 +271,17 @@ def main(argv):
     rt = runtime.setup(FLAGS.seed)
     ev = setup(rt)
     metrics = prepare_metrics(ev.loaded.config, rt.device) if rt.is_main else None
+    # the shard folder is this run's to write into, unless every shard is there already (a finished
+    # run evaluated again only reads it)
+    writes = rt.is_main and bool(shards.missing_shards(ev.plan, range(ev.num_shards)))
+    with folder_lock(ev.plan.folder, enabled=writes):
+        evaluate(ev, metrics)
+    runtime.teardown(rt)
+
+
+def evaluate(ev, metrics):
+    """Generate the missing shards (every rank), then score and report them (rank 0)."""
+    rt = ev.rt
     if rt.is_main:
         for folder in (ev.logdir, ev.plan.folder, os.path.join(ev.logdir, "images")):
             remove_stale_temporaries(folder)
@@ -260,7 +295,6 @@ def main(argv):
                        "wall_s": round(time.time() - start, 1),
                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         report(record, os.path.join(ev.logdir, "snn_eval.txt"))
-    runtime.teardown(rt)
 
 
 if __name__ == "__main__":

@@ -31,12 +31,12 @@ class Scorer:
 
     @torch.no_grad()
     def images(self, model, cfg, sampler_cfg, device="cpu", seed=0):
-        """uint8 images [num_images, H, W, 3] of ``model`` and the wall time per image (s)."""
+        """uint8 images [num_images, H, W, C] of ``model`` and the wall time per image (s)."""
         _, sampler = build_sampler(cfg, sampler_cfg, device)
-        size, parts, start = cfg.data.img_size, [], time.perf_counter()
+        parts, start = [], time.perf_counter()
         for first in range(0, self.num_images, self.batch_size):
             n = min(self.batch_size, self.num_images - first)
-            x_T = torch.randn(n, 3, size, size, generator=runtime.generator(runtime.derived_seed(seed, first)))
+            x_T = torch.randn(n, *cfg.image_shape, generator=runtime.generator(runtime.derived_seed(seed, first)))
             generator = runtime.generator(runtime.derived_seed(seed, first, 1), device)
             parts.append(shards.to_uint8(sampler(model, x_T.to(device), generator)))
         return np.concatenate(parts), (time.perf_counter() - start) / self.num_images

@@ -54,11 +54,11 @@ def parse_args(argv=None):
 
 @torch.no_grad()
 def macs_per_forward(model, img_size=32):
-    """Multiply-accumulates of one forward of one image through every conv and linear layer, as
-    the spike monitor charges a quantized ANN."""
+    """Multiply-accumulates of one forward of one image (``model.config.img_channels`` channels)
+    through every conv and linear layer, as the spike monitor charges a quantized ANN."""
     monitor = SpikeMonitor(model)
     with monitor:
-        model(torch.zeros(1, 3, img_size, img_size), torch.zeros(1, dtype=torch.long))
+        model(torch.zeros(1, model.config.img_channels, img_size, img_size), torch.zeros(1, dtype=torch.long))
     return monitor.summary()["ann_mac_per_sample"]
 
 

@@ -11,6 +11,8 @@ import re
 import socket
 import tempfile
 
+from common.errors import UserError
+
 
 def _file_mode():
     mask = os.umask(0)
@@ -23,26 +25,50 @@ _HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())
 _TEMPORARY = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
 
 
+class WriteError(UserError):
+    """A file could not be written (no space left, a read-only or vanished folder, ...): one line
+    saying what, where, and that the file's previous version is intact."""
+
+
+def write_error(path, err):
+    """The ``WriteError`` for ``OSError`` ``err`` raised while ``path`` was being written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    reason = err.strerror or str(err)
+    if not os.path.isdir(folder):
+        kept = f"its folder {folder} no longer exists"
+    elif os.path.exists(path):
+        kept = "the previous version there is intact"
+    else:
+        kept = "nothing was written there"
+    return WriteError(f"could not write {path}: {reason}; {kept}")
+
+
 @contextlib.contextmanager
 def atomic_open(path, mode="wb"):
     """A temporary file beside ``path``, renamed onto ``path`` when the block ends without error.
 
     The folder is created if needed. Until the rename, ``path`` keeps its previous content; an
-    exception (or Ctrl-C) inside the block removes the temporary file.
+    exception (or Ctrl-C) inside the block removes the temporary file, and an ``OSError`` while
+    writing (a full disk, a read-only or vanished folder) becomes a ``WriteError``.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{_HOST}-{os.getpid()}.", suffix=".tmp", dir=folder)
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{_HOST}-{os.getpid()}.", suffix=".tmp",
+                                   dir=folder)
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except BaseException as err:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        if isinstance(err, OSError):
+            raise write_error(path, err) from None
         raise
 
 

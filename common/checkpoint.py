@@ -13,6 +13,8 @@ Checkpoints written before the configs existed (a flat ``flags`` dict) are read 
 """
 import hashlib
 import os
+import pickle
+import re
 
 import torch
 
@@ -20,14 +22,45 @@ from common import configs
 from common.atomic import atomic_open
 from common.errors import UserError
 
+CONFIG_SECTIONS = ("unet", "diffusion", "data")
+
+
+class _RecordingWriter:
+    """A file's ``write`` and ``flush`` that remember the ``OSError`` they raised: torch's zip
+    writer reports a failed write as a RuntimeError, which would hide a full disk."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self):
+        try:
+            self.f.flush()
+        except OSError as err:
+            self.error = err
+            raise
+
 
 def save_atomic(obj, path):
     """``torch.save`` into a temporary file of the same folder, then rename into place.
 
-    An interruption leaves the previous file at ``path`` untouched.
+    An interruption leaves the previous file at ``path`` untouched; a write that fails (a full
+    disk, a read-only folder) is a one-line ``WriteError`` (``common.atomic``).
     """
     with atomic_open(path) as f:
-        torch.save(obj, f)
+        writer = _RecordingWriter(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
 
 
 def file_digest(path, length=None):
@@ -51,17 +84,64 @@ def load_weights(model, state, path):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint dict; a missing, truncated or foreign file is a ``UserError``."""
+    """Load a checkpoint dict of this project, as data only (``torch.load(weights_only=True)``).
+
+    A missing, truncated or foreign file, one that holds Python objects beyond tensors and plain
+    data (whose unpickling could run code: it is refused, nothing in it is executed), and one that
+    lacks a part every checkpoint has (its configuration sections, its weights) are a
+    ``UserError`` naming the file and what is wrong.
+    """
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # truncated zip, pickle from elsewhere, ...
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"(GLOBAL|global) ([\w.]+)", str(err))
+        what = f" ({found.group(2)})" if found else ""
+        raise UserError(f"{path} is not a checkpoint of this project: it holds Python objects{what} beyond "
+                        "tensors and plain data; it was refused and nothing in it was executed") from None
+    except Exception as err:  # truncated zip, a file of another format, ...
         raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
-    ckpt = _upgrade(ckpt) if isinstance(ckpt, dict) else ckpt
-    if not isinstance(ckpt, dict) or "config" not in ckpt or not ({"ema_model", "model"} & set(ckpt)):
-        raise UserError(f"{path} is not a checkpoint of this project (no model weights and configuration)")
+    try:
+        ckpt = _upgrade(ckpt) if isinstance(ckpt, dict) else ckpt
+    except (ValueError, TypeError, KeyError) as err:
+        raise UserError(f"{path} has an invalid configuration: {err}") from None
+    _check_parts(ckpt, path)
     return ckpt
+
+
+def _check_parts(ckpt, path):
+    """``UserError`` unless ``ckpt`` has what every checkpoint of the project has: valid configs
+    (``unet``, ``diffusion``, ``data``; ``snn`` for a spiking one) and a dict of weight tensors."""
+    if not isinstance(ckpt, dict) or not ({"config", "ema_model", "model"} & set(ckpt)):
+        raise UserError(f"{path} is not a checkpoint of this project (no model weights and configuration)")
+    config = ckpt.get("config")
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is incomplete: it has no configuration ('config')")
+    sections = CONFIG_SECTIONS + (("snn",) if "snn" in config else ())
+    for section in sections:
+        if section not in config:
+            raise UserError(f"{path} is incomplete: its configuration has no '{section}' section")
+    weights = "model" if "snn" in config else "ema_model"
+    require(ckpt, path, (weights,) + (("time_steps",) if "snn" in config else ()))
+    state = ckpt[weights]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"{path} is damaged: its '{weights}' entry is not a dict of weight tensors")
+    try:
+        model_config(ckpt)
+        if "snn" in config:
+            snn_config(ckpt)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{path} has an invalid configuration: {err}") from None
+
+
+def require(ckpt, path, keys, purpose=None):
+    """``UserError`` naming ``path`` and the first of ``keys`` that the dict ``ckpt`` lacks
+    (and ``purpose``, what needs it, e.g. 'resuming training')."""
+    for key in keys:
+        if key not in ckpt:
+            needed = f", which {purpose} needs" if purpose else ""
+            raise UserError(f"{path} is incomplete: it has no '{key}' entry{needed}")
 
 
 def is_snn(ckpt):
@@ -92,4 +172,9 @@ def _upgrade(ckpt):
         ckpt["config"]["snn"] = {"neuron": "signed" if ckpt.pop("signed") else "if", "norm": "step"}
         ckpt["model"] = ckpt.pop("ema_model")
         ckpt["time_steps"] = ckpt.pop("T")
+        if isinstance(ckpt.get("finetune"), dict) and "settings" in ckpt["finetune"]:  # a backpack
+            state = ckpt["finetune"]
+            settings = state.pop("settings")
+            state["config"] = configs.to_dict(configs.from_dict(configs.FinetuneConfig, settings))
+            state["source_sha256"] = settings.get("source_sha256")
     return ckpt

@@ -20,6 +20,20 @@ class UNetConfig:
     wbit: int = 32                      # APoT weight bits; 32 = full-precision weights
     alpha_init: float = 6.0             # initial clipping threshold act_alpha
     num_groups: int = 32                # GroupNorm groups (pytorch-ddpm: 32; keep ch / num_groups >= 2)
+    img_channels: int = 3               # image channels in and out: 1 grayscale, 3 RGB (DATASET_CHANNELS)
+    spike_driven: bool = False          # every weight layer after the head reads a quantized activation
+    resample: str = ""                  # conv / pool / act_conv / signed_conv; '': conv, or pool if spike_driven
+    shortcut: str = ""                  # where channels change: x / act / signed / fold / fold_sum / fold_act; '': x, or fold
+
+    @property
+    def resampling(self):
+        """How the UNet resamples: ``resample``, or its default for the kind of UNet."""
+        return self.resample or ("pool" if self.spike_driven else "conv")
+
+    @property
+    def shortcut_reads(self):
+        """What the 1x1 shortcuts read: ``shortcut``, or its default for the kind of UNet."""
+        return self.shortcut or ("fold" if self.spike_driven else "x")
 
     @property
     def levels(self):
@@ -37,10 +51,31 @@ class DiffusionConfig:
     var_type: str = "fixedlarge"        # fixedlarge / fixedsmall
 
 
+# The datasets and the image channels each gives: the first is its default, a second one the
+# other it can be converted to (a folder's images become grayscale with Pillow's 'L').
+DATASET_CHANNELS = {"cifar10": (3,), "shapes": (3,), "mnist": (1,), "fashion_mnist": (1,), "celeba": (3,),
+                    "folder": (3, 1)}
+
+
+def dataset_channels(dataset, requested=None):
+    """The image channels a model of ``dataset`` has: ``requested`` (None: the dataset's default).
+
+    ValueError when ``dataset`` cannot give ``requested`` channels (MNIST has no colour, CIFAR-10
+    is not converted to grayscale).
+    """
+    allowed = DATASET_CHANNELS[dataset]
+    if requested is None:
+        return allowed[0]
+    if requested not in allowed:
+        raise ValueError(f"--img_channels={requested} contradicts --dataset={dataset}, whose images have "
+                         f"{' or '.join(map(str, allowed))} channel(s); drop --img_channels or change --dataset")
+    return requested
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """The images the model generates."""
-    dataset: str = "cifar10"            # cifar10 / shapes
+    dataset: str = "cifar10"            # a key of DATASET_CHANNELS
     img_size: int = 32
 
 
@@ -50,6 +85,11 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
+
+    @property
+    def image_shape(self):
+        """(channels, height, width) of the images the model generates and the noise it starts from."""
+        return (self.unet.img_channels, self.data.img_size, self.data.img_size)
 
     def to_dict(self):
         return {"unet": to_dict(self.unet), "diffusion": to_dict(self.diffusion), "data": to_dict(self.data)}
@@ -63,7 +103,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class SNNConfig:
     """How a quantized ANN becomes a spiking UNet; its time steps follow from ``bit``."""
-    neuron: str = "graded"              # graded (signed, integer spikes) / if (binary, the seed's) / signed (Fast-SNN)
+    neuron: str = "graded"              # graded (integer spikes) / two_phase (binary) / if (the seed's) / signed (Fast-SNN)
     norm: str = "compensated"           # compensated: exact in total / step: GroupNorm per time step (the seed's)
 
     @staticmethod
@@ -116,13 +156,27 @@ def to_dict(cfg):
 
 
 def from_dict(cls, d):
-    """``cls`` from a plain dict; keys it does not know are ignored, missing ones take the defaults."""
+    """``cls`` from a plain dict; keys it does not know are ignored, missing ones take the defaults.
+
+    A value of the wrong type (a checkpoint from elsewhere) is a ValueError naming the field.
+    """
+    if not isinstance(d, dict):
+        raise ValueError(f"the {cls.__name__} section is a {type(d).__name__}, not a dict")
     known = {f.name: f for f in fields(cls)}
-    return cls(**{k: _typed(known[k], v) for k, v in d.items() if k in known})
+    return cls(**{k: _typed(cls, known[k], v) for k, v in d.items() if k in known})
 
 
-def _typed(f, value):
-    return tuple(value) if f.type is tuple or f.type == "tuple" else value
+_ACCEPTS = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}
+
+
+def _typed(cls, f, value):
+    """``value`` for field ``f`` (lists become tuples), or ValueError if it has the wrong type."""
+    if f.type is tuple:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+    elif isinstance(value, _ACCEPTS[f.type]) and (f.type is bool or not isinstance(value, bool)):
+        return value
+    raise ValueError(f"{cls.__name__}.{f.name} must be {f.type.__name__}, got {value!r}")
 
 
 def field_names(cls):

@@ -9,13 +9,18 @@ class UserError(Exception):
 
 
 def run(main):
-    """``absl.app.run(main)``, printing a ``UserError`` as ``error: ...`` and exiting with 1."""
+    """``absl.app.run(main)``, printing a ``UserError`` (or an ``OSError``: a folder that cannot be
+    made, a file the system refuses) as one ``error: ...`` line and exiting with 1."""
 
     def guarded(argv):
         try:
             return main(argv)
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
+        except OSError as err:  # a file or folder the run needs, refused by the system
+            where = f": {err.filename}" if err.filename else ""
+            print(f"error: {err.strerror or err}{where}", file=sys.stderr)
             sys.exit(1)
         except KeyboardInterrupt:
             print("interrupted; the last checkpoint written is intact", file=sys.stderr)

@@ -8,6 +8,7 @@ Flags become configs (``common.configs``) here and only here. When a checkpoint 
 a config, an explicitly given flag (command line or flagfile) that contradicts it is a
 ``UserError``, and flags not given take the checkpoint's values. Nothing writes into ``FLAGS``.
 """
+import dataclasses
 import functools
 import os
 import sys
@@ -46,6 +47,23 @@ def define_model_flags():
                          "group GroupNorm removes each channel's mean, and the UNet cannot predict an image's "
                          "mean colour: keep --ch / --num_groups >= 2 (the CIFAR-10 UNet has 4)")
     flags.DEFINE_integer("img_size", 32, help="image size (a multiple of 2**(levels - 1))")
+    flags.DEFINE_integer("img_channels", None, help="image channels of the UNet: 1 (grayscale) or 3 (RGB); default: "
+                         "the dataset's (mnist, fashion_mnist: 1; cifar10, celeba, shapes, folder: 3); "
+                         "--dataset=folder --img_channels=1 converts the images to grayscale")
+    flags.DEFINE_bool("spike_driven", False, help="every weight layer after the head reads a quantized activation "
+                      "(spikes in the SNN): no 1x1 shortcut and no resampling conv reads the analog stream; "
+                      "off: pytorch-ddpm's UNet (docs/energy.md)")
+    flags.DEFINE_enum("resample", "", ["", "conv", "pool", "act_conv", "signed_conv"],
+                      help="down/up-sampling: conv = a 3x3 conv of the stream (pytorch-ddpm), pool = average "
+                           "pooling / nearest upsampling without weights (DDPM's resamp_with_conv=False), "
+                           "act_conv = GroupNorm and a quantized ReLU before the conv, signed_conv = a signed "
+                           "quantizer before the conv; empty: conv, or pool with --spike_driven")
+    flags.DEFINE_enum("shortcut", "", ["", "x", "act", "signed", "fold", "fold_sum", "fold_act"],
+                      help="the ResBlock shortcuts where the channels change: a 1x1 conv of x = the analog stream "
+                           "(pytorch-ddpm), act = the block's first activation act(GroupNorm(x)), signed = a signed "
+                           "quantizer of x; fold = no conv, x's channels zero-padded and averaged in groups onto the "
+                           "output's (fold_sum: summed); fold_act = fold_sum plus the 1x1 conv of act; empty: x, or "
+                           "fold with --spike_driven")
     # Quantization
     flags.DEFINE_integer("bit", 2, help="activation bits; the SNN runs T = 2**bit - 1 steps; 32 = full precision")
     flags.DEFINE_float("alpha_init", 6.0, help="initial act_alpha (clipping threshold) of the quantized activations")
@@ -61,9 +79,16 @@ def define_model_flags():
     flags.register_multi_flags_validator(
         ["ch", "num_groups"], lambda v: v["ch"] > 0 and v["num_groups"] > 0 and v["ch"] % v["num_groups"] == 0,
         message="--ch must be a positive multiple of --num_groups (the GroupNorm groups)")
+    flags.register_multi_flags_validator(
+        ["spike_driven", "resample", "shortcut"],
+        lambda v: not (v["spike_driven"] and (v["resample"] == "conv" or v["shortcut"] == "x")),
+        message="--spike_driven needs layers that read spikes: --resample=pool, act_conv or signed_conv and "
+                "--shortcut=act, signed or fold (or leave them out)")
     flags.register_validator("ch_mult", lambda m: bool(m) and min(m) >= 1,
                              message="--ch_mult needs at least one level, every multiplier at least 1")
     _positive("num_res_blocks")
+    flags.register_validator("img_channels", lambda c: c is None or c in (1, 3),
+                             message="--img_channels must be 1 (grayscale) or 3 (RGB)")
     flags.register_validator("dropout", lambda p: 0 <= p < 1, message="--dropout must be in [0, 1)")
     flags.register_validator("bit", lambda b: 1 <= b <= 8 or b == 32, message="--bit must be in 1..8 or 32")
     flags.register_validator("wbit", lambda b: 2 <= b <= 7 or b == 32, message="--wbit must be in 2..7 or 32")
@@ -86,9 +111,11 @@ def _fits_levels(img_size, ch_mult):
 
 
 def define_data_flags():
-    flags.DEFINE_enum("dataset", "cifar10", ["cifar10", "shapes"],
-                      help="cifar10 (torchvision) or shapes (embedded synthetic data, no download)")
-    flags.DEFINE_string("data_dir", "./data", help="folder of the torchvision CIFAR-10 data")
+    flags.DEFINE_enum("dataset", "cifar10", list(configs.DATASET_CHANNELS),
+                      help="cifar10, mnist, fashion_mnist, celeba (torchvision's datasets), folder (every image "
+                           "below --data_dir) or shapes (embedded synthetic data, no download) (docs/data.md)")
+    flags.DEFINE_string("data_dir", "./data", help="folder of the data: torchvision's layout for cifar10, mnist, "
+                        "fashion_mnist and celeba, any folder of images for folder; not used by shapes")
     flags.DEFINE_integer("num_workers", 4, help="workers of the data loader")
     _non_negative("num_workers")
 
@@ -139,10 +166,12 @@ def define_sampler_flags():
 
 
 def define_snn_flags():
-    flags.DEFINE_enum("neuron", "graded", ["if", "signed", "graded"],
+    flags.DEFINE_enum("neuron", "graded", ["if", "signed", "graded", "two_phase"],
                       help="spiking neuron: graded = signed with integer (burst) spikes, exact with "
-                           "--norm=compensated; if = binary integrate-and-fire (the seed's); signed = Fast-SNN's "
-                           "signed neuron (docs/conversion.md)")
+                           "--norm=compensated; two_phase = binary spikes fired after the whole window is "
+                           "integrated, exact with --norm=compensated, (depth + 1) x T steps of latency; "
+                           "if = binary integrate-and-fire (the seed's); signed = Fast-SNN's signed neuron "
+                           "(docs/conversion.md)")
     flags.DEFINE_bool("sign", None, help="shorthand: --sign is --neuron=signed, --nosign is --neuron=if")
     flags.DEFINE_enum("norm", "compensated", ["step", "compensated"],
                       help="GroupNorm of the SNN: compensated = exact over the time steps; step = every time "
@@ -236,9 +265,19 @@ def _shown(value):
 
 
 def model_config(stored=None, source=None):
-    """The ``ModelConfig`` the flags describe, or ``stored`` checked against the given flags."""
+    """The ``ModelConfig`` the flags describe, or ``stored`` checked against the given flags.
+
+    A new model's ``img_channels`` follows its dataset unless ``--img_channels`` is given; a given
+    value the dataset cannot provide is a ``UserError``.
+    """
     parts = {key: config_from_flags(cls, getattr(stored, key) if stored else None, source)
              for key, cls in MODEL_CONFIGS.items()}
+    if stored is None:
+        try:
+            channels = configs.dataset_channels(parts["data"].dataset, parts["unet"].img_channels)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        parts["unet"] = dataclasses.replace(parts["unet"], img_channels=channels)
     return configs.ModelConfig(**parts)
 
 

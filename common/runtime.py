@@ -32,7 +32,7 @@ class Runtime:
 def setup(seed=0):
     """Pick the device, join the process group under torchrun, seed every generator."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launch_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
@@ -44,6 +44,11 @@ def setup(seed=0):
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     seed_everything(seed)
     return Runtime(device=device, rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def launch_rank():
+    """This process's rank as torchrun set it (0 in a plain run), known before ``setup``."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def derived_seed(*numbers):

@@ -54,14 +54,15 @@ def load_inception(device, download_timeout=30.0):
 def inception_outputs(model, images, device, batch_size=50):
     """Pool3 features [N, 2048] and class probabilities [N, 1008] (float64 numpy).
 
-    ``images``: uint8 [N, H, W, 3] (numpy) or float [N, 3, H, W] in [0, 1] (torch); the network
-    resizes to 299 x 299 itself.
+    ``images``: uint8 [N, H, W, C] (numpy) or float [N, C, H, W] in [0, 1] (torch), C = 3, or 1
+    (grayscale, repeated to three channels, as is usual); the network resizes to 299 x 299 itself.
     """
     feats, probs = [], []
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size]
         if isinstance(x, np.ndarray):
             x = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
         f, p = model(x.to(device))
         feats.append(f.view(len(x), FID_DIM).double().cpu().numpy())
         probs.append(p.view(len(x), PROB_DIM).double().cpu().numpy())

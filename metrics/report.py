@@ -6,6 +6,7 @@ import os
 import torch
 
 from common.atomic import atomic_open
+from common.lock import exclusive
 
 
 def psnr(a, b, data_range=2.0):
@@ -18,9 +19,13 @@ def psnr(a, b, data_range=2.0):
 
 
 def append_jsonl(path, record):
-    """Append ``record`` as one JSON line to ``path``, atomically (old lines + new one, then rename)."""
-    old = open(path).read() if os.path.exists(path) else ""
-    if old and not old.endswith("\n"):
-        old += "\n"
-    with atomic_open(path, "w") as f:
-        f.write(old + json.dumps(record) + "\n")
+    """Append ``record`` as one JSON line to ``path``, atomically (old lines + new one, then rename),
+    one process at a time: runs evaluating into the same folder never lose each other's lines."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with exclusive(folder):
+        old = open(path).read() if os.path.exists(path) else ""
+        if old and not old.endswith("\n"):
+            old += "\n"
+        with atomic_open(path, "w") as f:
+            f.write(old + json.dumps(record) + "\n")

@@ -5,7 +5,10 @@
 One row per evaluated model (the newest line of each model, mode and sampler): the quantized ANN,
 the converted and the fine-tuned SNNs in each conversion mode evaluated. Columns: FID and the
 second score in the record's feature network (named above the table), recognisability, PSNR to
-the ANN's samples from the same noise, energy per generated image and firing rate.
+the ANN's samples from the same noise, energy per generated image (the model's own: an ANN's
+32-bit float MACs), the same quantized ANN on integer-activation hardware, the ANN's float-MAC
+energy over the model's (``docs/energy.md``), the latency in time steps per network call and
+the firing rate.
 """
 import argparse
 import json
@@ -27,11 +30,14 @@ def read_records(path):
 
 
 def describe(record):
-    """What a row is: 'quantized ANN', 'SNN, converted' or 'SNN, fine-tuned' (by its file name)."""
+    """What a row is: 'quantized ANN', 'SNN, converted' or 'SNN, fine-tuned' (by its file name),
+    with ', spike-driven' for a spike-driven UNet."""
+    unet = ", spike-driven" if record.get("spike_driven") else ""
     if record["kind"] == "ann":
-        return f"quantized ANN ({record['bit']}-bit)"
+        return f"quantized ANN ({record['bit']}-bit){unet}"
     name = os.path.basename(record["model_path"])
-    return "SNN, fine-tuned" if name.startswith("snn_ft") or "backpack" in record["model_path"] else "SNN, converted"
+    tuned = name.startswith("snn_ft") or "backpack" in record["model_path"]
+    return ("SNN, fine-tuned" if tuned else "SNN, converted") + unet
 
 
 def _row_key(record):
@@ -52,6 +58,10 @@ def _number(value, fmt):
     return "–" if value is None else (value if isinstance(value, str) else format(value, fmt))
 
 
+def _uj(pj):
+    return None if pj is None else pj / 1e6
+
+
 def table(records):
     """The markdown table (with a line naming the features and sampler) of ``newest_rows(records)``."""
     rows = newest_rows(records)
@@ -59,15 +69,18 @@ def table(records):
     samplers = sorted({f"{r['sampler']} {r['sample_steps']} calls, {r['num_images']} images" for r in rows})
     lines = [f"Scores in the features of {', '.join(features)}; sampling: {'; '.join(samplers)}.", "",
              "| model | neuron | norm | FID | IS | recognisability | PSNR to ANN (dB) | energy / image (uJ) "
-             "| firing rate |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| integer ANN / image (uJ) | ANN / model | latency (steps) | firing rate |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        energy = r.get("energy_pJ_per_image")
+        snn = r["kind"] == "snn"
         lines.append(f"| {describe(r)} | {r.get('neuron') or '–'} | {r.get('norm') or '–'} "
                      f"| {_number(r.get('FID'), '.2f')} | {_number(r.get('IS'), '.2f')} "
                      f"| {_number(r.get('recognisability'), '.3f')} | {_number(r.get('psnr_snn_vs_ann_dB'), '.1f')} "
-                     f"| {_number(None if energy is None else energy / 1e6, '.1f')} "
-                     f"| {_number(r.get('firing_rate') if r['kind'] == 'snn' else None, '.3f')} |")
+                     f"| {_number(_uj(r.get('energy_pJ_per_image')), '.1f')} "
+                     f"| {_number(_uj(r.get('int_ann_energy_pJ_per_image')), '.1f')} "
+                     f"| {_number(r.get('energy_ratio_ann_over_snn') if snn else None, '.2f')} "
+                     f"| {_number(r.get('latency_steps'), 'd')} "
+                     f"| {_number(r.get('firing_rate') if snn else None, '.3f')} |")
     return "\n".join(lines) + "\n"
 
 

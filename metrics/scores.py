@@ -1,7 +1,8 @@
 """FID, IS and recognisability in the features of a feature network (``docs/metrics.md``).
 
-Two feature networks, one code path: pytorch-gan-metrics' Inception (CIFAR-10; its pool3
-features and 1008-way softmax, the numbers papers report) and the project's own ``shapes``
+Two feature networks, one code path: pytorch-gan-metrics' Inception (every dataset but the
+shapes, grayscale images repeated to three channels; its pool3 features and 1008-way softmax,
+the numbers papers report) and the project's own ``shapes``
 network (``metrics.shapes_net``; its pooled features and 6-way shape softmax, meaningful for the
 embedded data only). FID and IS are the library's formulas on either network's outputs; every
 score and every statistics file carries the network's ``name``, so a shapes FID is never read as
@@ -23,7 +24,7 @@ INCEPTION_NAME = "inception_v3_pool3"
 
 @dataclass(frozen=True)
 class FeatureNet:
-    """A feature network: ``outputs(uint8 images [N, H, W, 3]) -> (features [N, dim], probs [N, C])``."""
+    """A feature network: ``outputs(uint8 images [N, H, W, C]) -> (features [N, dim], probs [N, classes])``."""
     name: str
     dim: int
     outputs: Callable
@@ -31,9 +32,12 @@ class FeatureNet:
 
 
 def feature_kind(kind, dataset):
-    """``inception`` or ``shapes`` for ``--features`` (``auto``: the shapes network for the shapes data)."""
+    """``inception`` or ``shapes`` for ``--features`` (``auto``: the shapes network for the shapes
+    data); the shapes network for other data is a ``UserError``: it knows only the shapes."""
     if kind == "auto":
         return "shapes" if dataset == "shapes" else "inception"
+    if kind == "shapes" and dataset != "shapes":
+        raise UserError(f"--features=shapes scores the shapes data only, not {dataset}: use --features=inception")
     return kind
 
 
@@ -51,12 +55,16 @@ def load_features(kind, img_size, device, batch_size=50, cache_dir="stats"):
                       lambda images: shapes_net.shapes_outputs(net, images, device), True)
 
 
-def default_stats_path(kind, dataset, img_size, cache_dir="stats"):
+def default_stats_path(kind, dataset, img_size, cache_dir="stats", data_dir=None, img_channels=3):
     """Where the reference statistics of ``dataset``'s training images live by default: the seed's
-    ``stats/cifar10.train.npz`` for 32x32 CIFAR-10 with Inception; otherwise named after the
-    network (the shapes network's name holds the digest of its training setup)."""
+    ``stats/cifar10.train.npz`` for 32x32 CIFAR-10 with Inception, ``stats/<dataset><size>px.train.npz``
+    at other sizes, ``stats/folder_<name of data_dir><size>px[_gray].train.npz`` for a folder;
+    for the shapes named after the network (its name holds the digest of its training setup)."""
     if kind == "inception":
         size = "" if img_size == 32 else f"{img_size}px"
+        if dataset == "folder":
+            name = os.path.basename(os.path.abspath(data_dir or "."))
+            return os.path.join(cache_dir, f"folder_{name}{size}{'_gray' if img_channels == 1 else ''}.train.npz")
         return os.path.join(cache_dir, f"{dataset}{size}.train.npz")
     from metrics import shapes_net
     return os.path.join(cache_dir, f"{dataset}.{shapes_net.features_name(img_size)}.train.npz")
@@ -64,16 +72,22 @@ def default_stats_path(kind, dataset, img_size, cache_dir="stats"):
 
 def stats_command(dataset, img_size, kind, path):
     """The command that computes the statistics file ``path``."""
-    data_dir = " --data_dir=./data" if dataset == "cifar10" else ""  # the shapes are drawn in code
+    data_dir = "" if dataset == "shapes" else " --data_dir=./data"  # the shapes are drawn in code
     return (f"python compute_fid_stats.py --dataset={dataset}{data_dir} --img_size={img_size} "
             f"--features={kind} --out={path}")
 
 
-def reference_statistics(net, kind, dataset, img_size, path=None, log=print):
+def reference_statistics(net, kind, dataset, img_size, path=None, log=print, img_channels=3):
     """((mu, sigma), path) of ``dataset``'s training images in ``net``'s features, from ``path``
-    (default: ``default_stats_path``). For the shapes network the default file is computed on
-    first use (seconds); anything else must be there (``UserError`` naming the command)."""
+    (default: ``default_stats_path``; a folder has none: its images are the user's). For the
+    shapes network the default file is computed on first use (seconds); anything else must be
+    there (``UserError`` naming the command)."""
     default = path is None
+    if default and dataset == "folder":
+        gray = " --img_channels=1" if img_channels == 1 else ""
+        raise UserError("a model of --dataset=folder has no default FID statistics: compute them with "
+                        f"python compute_fid_stats.py --dataset=folder --data_dir=<your images> --img_size={img_size}"
+                        f"{gray} and give the file it writes as --fid_cache")
     path = path or default_stats_path(kind, dataset, img_size)
     if kind == "shapes" and default and not os.path.exists(path):
         from common import data
@@ -153,7 +167,7 @@ def recognisability(probs, threshold=0.9):
 
 
 def evaluate_images(net, images, stats, splits=10):
-    """Scores of uint8 images [N, H, W, 3] in ``net``'s features against ``stats`` (mu, sigma).
+    """Scores of uint8 images [N, H, W, C] in ``net``'s features against ``stats`` (mu, sigma).
 
     Returns ``features``, ``FID``, ``IS`` and ``IS_std`` (over the network's classes),
     ``recognisability`` (shapes network only) and a ``warning`` when N <= the feature dimension.

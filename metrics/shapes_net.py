@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.atomic import atomic_open
+from common.checkpoint import save_atomic
 from common.data import SHAPE_CLASSES, SHAPES_SIZE, draw_shape, shape_attributes
 from common.errors import UserError
 
@@ -210,9 +210,7 @@ def train_shapes_net(setup):
 
 def _save(net, setup, path):
     """``torch.save`` of the weights with the setup and digest they were trained with, atomically."""
-    state = {"setup": setup, "digest": setup_digest(setup), "state_dict": net.state_dict()}
-    with atomic_open(path) as f:
-        torch.save(state, f)
+    save_atomic({"setup": setup, "digest": setup_digest(setup), "state_dict": net.state_dict()}, path)
 
 
 def _read_cached(path, setup):

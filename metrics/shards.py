@@ -1,7 +1,7 @@
 """Sharded, resumable image generation for evaluation.
 
 Images are made in shards of ``shard_size`` images, each written atomically as
-``shard_00012.npz`` (uint8 [shard_size, H, W, 3]) into a folder keyed by what determines the
+``shard_00012.npz`` (uint8 [shard_size, H, W, C]) into a folder keyed by what determines the
 images (the checkpoint's digest, the sampler settings, the seed, the shard size). Every random
 draw of shard ``i`` comes from generators seeded by (seed, i) only, so a restarted run skips the
 shards it finds and its output is identical to an uninterrupted run's. Under torchrun shard
@@ -26,6 +26,7 @@ class ShardPlan:
     shard_size: int
     img_size: int
     seed: int
+    img_channels: int = 3
 
 
 def shard_folder(logdir, model_path, sampler_cfg, network_calls, seed, shard_size):
@@ -43,19 +44,20 @@ def shard_path(folder, index):
 
 
 def to_uint8(x):
-    """Images [B, 3, H, W] in [-1, 1] -> uint8 numpy [B, H, W, 3] (round half up, as PNG writers do)."""
+    """Images [B, C, H, W] in [-1, 1] -> uint8 numpy [B, H, W, C] (round half up, as PNG writers do)."""
     x = ((x.float().clamp(-1, 1) + 1) * 127.5 + 0.5).floor().clamp(0, 255)
     return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def shard_noise(plan, index):
-    """x_T [shard_size, 3, img_size, img_size] of shard ``index`` (CPU generator: any device agrees)."""
+    """x_T [shard_size, C, img_size, img_size] of shard ``index`` (CPU generator: any device agrees)."""
     size = plan.img_size
-    return torch.randn(plan.shard_size, 3, size, size, generator=generator(derived_seed(plan.seed, index)))
+    return torch.randn(plan.shard_size, plan.img_channels, size, size,
+                       generator=generator(derived_seed(plan.seed, index)))
 
 
 def generate_shard(sample_fn, plan, index, device):
-    """uint8 [shard_size, H, W, 3]: ``sample_fn(x_T, generator)`` with x_T and the generator of the
+    """uint8 [shard_size, H, W, C]: ``sample_fn(x_T, generator)`` with x_T and the generator of the
     sampler's own noise seeded by (seed, index). The images move to the CPU once, here."""
     x_T = shard_noise(plan, index).to(device)
     return to_uint8(sample_fn(x_T, generator(derived_seed(plan.seed, index, 1), device)))
@@ -76,11 +78,16 @@ def load_shard(path, shard_size):
     return images if images.dtype == np.uint8 and len(images) == shard_size else None
 
 
+def missing_shards(plan, shards):
+    """The shards of ``shards`` (indices) that are not yet complete on disk."""
+    return [i for i in shards if load_shard(shard_path(plan.folder, i), plan.shard_size) is None]
+
+
 def plan_shards(plan, num_shards, rank=0, world_size=1):
     """(mine, todo): the shards rank ``rank`` owns (round-robin over ranks) and those not yet on disk."""
     os.makedirs(plan.folder, exist_ok=True)
     mine = list(range(rank, num_shards, world_size))
-    return mine, [i for i in mine if load_shard(shard_path(plan.folder, i), plan.shard_size) is None]
+    return mine, missing_shards(plan, mine)
 
 
 def make_shards(sample_fn, plan, todo, device, max_new=None, pbar=None):
@@ -101,7 +108,7 @@ def make_shards(sample_fn, plan, todo, device, max_new=None, pbar=None):
 
 
 def gather_images(folder, num_images, shard_size):
-    """Exactly ``num_images`` uint8 images [N, H, W, 3] from the first shards of ``folder``."""
+    """Exactly ``num_images`` uint8 images [N, H, W, C] from the first shards of ``folder``."""
     num_shards = -(-num_images // shard_size)
     parts = []
     for index in range(num_shards):

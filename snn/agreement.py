@@ -15,7 +15,7 @@ CHUNK = 32  # images per forward pass: fixed, so the number does not depend on a
 
 
 def validation_batch(dataset, size, diffusion, seed, device="cpu"):
-    """A fixed held-out batch (x_t [size, 3, H, W], t [size]) on ``device``, the same for a given seed.
+    """A fixed held-out batch (x_t [size, C, H, W], t [size]) on ``device``, the same for a given seed.
 
     x_0 are ``size`` images of ``dataset`` chosen by ``seed``, t is spread evenly over
     0..T-1 (ascending) and the noise comes from ``seed`` too; x_t = q_sample(x_0, t, noise).
@@ -33,7 +33,8 @@ def validation_batch(dataset, size, diffusion, seed, device="cpu"):
 
 def held_out_batch(cfg, size, diffusion, seed, data_dir, device="cpu"):
     """``validation_batch`` of the held-out split of a ``ModelConfig``'s dataset (``UserError`` if absent)."""
-    held_out = data.load_dataset(cfg.data.dataset, data_dir, cfg.data.img_size, train=False)
+    held_out = data.load_dataset(cfg.data.dataset, data_dir, cfg.data.img_size, train=False,
+                                 channels=cfg.unet.img_channels)
     try:
         return validation_batch(held_out, size, diffusion, seed, device)
     except ValueError as err:
@@ -42,7 +43,7 @@ def held_out_batch(cfg, size, diffusion, seed, data_dir, device="cpu"):
 
 @torch.no_grad()
 def predictions(model, x_t, t, chunk=CHUNK):
-    """``model(x_t, t)`` [N, 3, H, W] computed ``chunk`` images at a time."""
+    """``model(x_t, t)`` [N, C, H, W] computed ``chunk`` images at a time."""
     return torch.cat([model(x_t[i:i + chunk], t[i:i + chunk]) for i in range(0, len(t), chunk)])
 
 
@@ -64,7 +65,7 @@ def errors_by_quarter(out, ref, t):
 class SampleJudge:
     """The relative L2 error of a model's images against its ANN's, from the same fixed noise.
 
-    ``sampler(model, x_T, generator)`` draws images [N, 3, H, W] from ``x_T``; the sampler's own
+    ``sampler(model, x_T, generator)`` draws images [N, C, H, W] from ``x_T``; the sampler's own
     noise (DDIM with eta > 0) comes from a generator seeded with ``seed`` afresh at every call,
     so a model's error is a function of the model alone. The ANN's images are drawn once.
     """

@@ -56,7 +56,7 @@ def channel_sum(x):
 def mean_difference(snn, ann, pair, x_t, t, chunk=CHUNK):
     """Per output channel, the mean of (ANN block output - SNN block time-mean output): [C_out].
 
-    ``pair``: a ``snn.finetune.BlockPair``; ``x_t`` [N, 3, H, W], ``t`` [N], fed ``chunk`` at a time.
+    ``pair``: a ``snn.finetune.BlockPair``; ``x_t`` [N, C, H, W], ``t`` [N], fed ``chunk`` at a time.
     """
     total, count = 0, 0
     for i in range(0, len(t), chunk):
@@ -83,7 +83,7 @@ def correct_bias(snn, ann, pair, x_t, t, world_size=1, chunk=CHUNK):
 
 
 def calibration_batch(dataset, size, diffusion, seed, device="cpu"):
-    """The calibration batch (x_t [size, 3, H, W], t [size]) on ``device``, drawn as fine-tuning
+    """The calibration batch (x_t [size, C, H, W], t [size]) on ``device``, drawn as fine-tuning
     draws its batches: ``size`` training images chosen by ``seed``, flipped at random,
     t ~ U{0, ..., T-1}, x_t = q_sample(x_0, t, noise). The same for the same ``seed``."""
     if size > len(dataset):

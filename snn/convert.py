@@ -2,8 +2,10 @@
 import torch.nn as nn
 
 from model import UNet
+from model.unet import AnalogInput
 from quant import FULL_PRECISION, QuantReLU
-from snn.neuron import IFNeuron, time_mean
+from snn.latency import latency_steps
+from snn.neuron import STREAMING, IFNeuron, fold, time_mean
 from snn.norm import check_norm, swap_group_norms
 
 
@@ -17,6 +19,42 @@ def swap_activations(module, make_neuron):
     return module
 
 
+class Hold(nn.Module):
+    """The window's mean at every step: x [T*B, ...] -> [T*B, ...], each step mean_t x_t.
+
+    What a weight layer reading the analog stream sees in a two-phase SNN: the value is known
+    once the layer before has integrated its window, computed once and held, so the layer's
+    multiply-accumulates happen once per network call (``snn.stats`` counts them so).
+    """
+
+    def __init__(self, T):
+        super().__init__()
+        self.T = int(T)
+
+    def forward(self, x):
+        mean = time_mean(x, self.T)
+        return fold(mean.expand(self.T, *mean.shape))
+
+    def extra_repr(self):
+        return f"T={self.T}"
+
+
+def swap_analog_inputs(module, T):
+    """Replace every ``AnalogInput`` under ``module`` with a ``Hold`` over ``T`` steps, in place."""
+    targets = [name for name, m in module.named_modules() if isinstance(m, AnalogInput)]
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent_name) if parent_name else module, child, Hold(T))
+    return module
+
+
+def make_neuron(quant, T, kind):
+    """The IF neuron of ``kind`` that replaces the quantizer ``quant`` (its threshold, kernels and sign)."""
+    if quant.signed and kind in STREAMING:
+        raise ValueError(f"a signed activation (levels -L..L) converts into two_phase neurons only, not {kind!r}")
+    return IFNeuron(T, quant.act_alpha.item(), kind, quant.kernels, signed=quant.signed)
+
+
 class SpikingUNet(UNet):
     """The UNet with IF neurons simulating ``T = 2**bit - 1`` steps.
 
@@ -26,7 +64,9 @@ class SpikingUNet(UNet):
 
     ``neuron``: the IF neuron kind (``snn.neuron.NEURON_KINDS``). ``norm``: ``step`` normalises
     every time step on its own (``nn.GroupNorm``), ``compensated`` makes GroupNorm exact over the
-    T steps (``snn.norm``); with ``graded`` neurons too, the output is the ANN's.
+    T steps (``snn.norm``); with ``graded`` or ``two_phase`` neurons too, the output is the ANN's.
+    With ``two_phase`` neurons every weight layer that reads the analog stream reads it held
+    (``Hold``).
     """
 
     def __init__(self, config, T=1000, kernels="reference", neuron="if", norm="step"):
@@ -36,14 +76,21 @@ class SpikingUNet(UNet):
         self.time_steps = 2 ** self.bit - 1
         self.neuron = neuron
         self.norm = check_norm(norm)
-        swap_activations(self, lambda q: IFNeuron(self.time_steps, q.act_alpha.item(), neuron, q.kernels))
+        swap_activations(self, lambda q: make_neuron(q, self.time_steps, neuron))
         if norm == "compensated":
             swap_group_norms(self, self.time_steps)
+        if neuron == "two_phase":
+            swap_analog_inputs(self, self.time_steps)
 
     def forward(self, x, t):
         T = self.time_steps
         out = super().forward(x.repeat(T, 1, 1, 1), t.repeat(T))  # [T*B, ...], time-major
         return time_mean(out, T)
+
+    def latency_steps(self):
+        """Time steps one network call takes: ``time_steps``, or (neuron layers on the longest
+        path + 1) x ``time_steps`` for two-phase neurons (``snn.latency``)."""
+        return latency_steps(self.config, self.neuron, self.time_steps, self.T)
 
 
 def convert(ann, neuron="if", norm="step"):

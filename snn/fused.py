@@ -1,9 +1,9 @@
 """Fused integrate-and-fire time loop.
 
-The reference (``snn.neuron.if_spikes``) runs a neuron's step function T times, each step a
-handful of tensor operations and each operation a full pass over memory. Here the very same
-``run_steps`` and step function are handed to ``torch.compile`` (inductor): tracing unrolls the
-loop over T and inductor emits one kernel in which every element's membrane and count stay in
+The reference (``snn.neuron.if_spikes``) runs a neuron's step function T times (the two-phase
+neuron: its window function), each step a handful of tensor operations and each operation a
+full pass over memory. Here the very same ``run_steps`` and step function (or window function)
+are handed to ``torch.compile`` (inductor): tracing unrolls the loop over T and inductor emits one kernel in which every element's membrane and count stay in
 registers; the input is read once and the spike train written once. On the CPU inductor
 generates vectorised C++ (it needs a C++ compiler); on CUDA it generates a Triton kernel.
 
@@ -21,7 +21,7 @@ import logging
 import torch
 
 from common.compiled import compile_elementwise, run_auto
-from snn.neuron import STEPS, check_kind, if_spikes, run_steps
+from snn.neuron import WINDOWS, check_kind, if_spikes
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +30,17 @@ _failure = []  # the first compile error of this process: 'auto' stops trying af
 
 @functools.lru_cache(maxsize=None)
 def _compiled_window(kind):
-    """``run_steps`` with ``kind``'s step, compiled; built on first use (the compiler takes seconds).
+    """``kind``'s window function (``run_steps`` with its step, or the two-phase window), compiled;
+    built on first use (the compiler takes seconds).
 
     dynamic=True: one kernel per (T, kind, dtype, device) serves every tensor size.
     """
-    step = STEPS[kind]
+    window = WINDOWS[kind]
 
-    def window(x, theta):
-        return run_steps(x, theta, step)
+    def compiled(x, theta):
+        return window(x, theta)
 
-    return compile_elementwise(window)
+    return compile_elementwise(compiled)
 
 
 def if_spikes_fused(x, theta, kind="if"):

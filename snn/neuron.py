@@ -19,7 +19,16 @@ an integer ``s`` per step; its output current is ``theta * s``:
   L = ``levels`` = T. Its net count after step t is clamp(floor(S_t / theta + 1/2), 0, L) for the
   input sum S_t, so over T = L steps its mean output is exactly the b-bit quantizer of its mean
   input, whatever the input's course in time.
+
+One kind is no step-by-step recurrence: ``two_phase`` integrates the whole window first
+(v = theta / 2 + S), then fires binary spikes, one per step at most, while v >= theta (v -= theta):
+its count is clamp(floor(S / theta + 1/2), 0, T), the b-bit quantizer of its mean input for any
+order of the inputs, with spikes in {0, 1} only. It is a window function (``two_phase_window``)
+in place of a step; ``WINDOWS`` holds one window function per kind, compiled alike by
+``snn.fused``. For a signed activation (levels -L..L) it also fires -1 while v < 0 (v += theta).
 """
+from functools import partial
+
 import torch
 import torch.nn as nn
 
@@ -42,12 +51,14 @@ def time_mean(x, T):
     return unfold(x, T).mean(0)
 
 
-NEURON_KINDS = ("if", "signed", "graded")
+NEURON_KINDS = ("if", "signed", "graded", "two_phase")
+STREAMING = ("if", "signed", "graded")  # kinds that fire while their input arrives
+SIGNED_LEVELS = "two_phase_signed"  # the two-phase neuron of a signed activation (levels -L..L)
 
 
 def check_kind(kind):
-    """``kind`` if it names a neuron model of ``NEURON_KINDS``, else ValueError."""
-    if kind not in NEURON_KINDS:
+    """``kind`` if it names a neuron model of ``NEURON_KINDS`` (or ``SIGNED_LEVELS``), else ValueError."""
+    if kind not in NEURON_KINDS + (SIGNED_LEVELS,):
         raise ValueError(f"neuron kind must be one of {NEURON_KINDS}, got {kind!r}")
     return kind
 
@@ -113,16 +124,47 @@ def run_steps(x, theta, step):
     return torch.stack(spikes)
 
 
+def two_phase_window(x, theta, signed=False):
+    """Two-phase neuron over the window: x [T, ...] input currents, 0-dim ``theta`` -> s [T, ...].
+
+    Phase 1 integrates the whole window, v = theta / 2 + x_1 + ... + x_T (added in time order,
+    as the streaming kinds add). Phase 2 fires one spike per step at most: s_t = 1 while v >= theta,
+    then v -= theta; ``signed``: s_t = -1 while v < 0, then v += theta. So s_t = 1 (or -1) for
+    t < |count|, count = clamp(floor(S / theta + 1/2), 0 (or -T), T): the quantizer's level of the
+    mean input S / T (T = L), the same for every order of the inputs.
+    """
+    v = (theta / 2).expand_as(x[0])
+    for t in range(x.shape[0]):
+        v = v + x[t]
+    spikes = []
+    for _ in range(x.shape[0]):
+        up = v >= theta
+        s = up.to(x.dtype)
+        if signed:
+            down = v < 0
+            s = s - down.to(x.dtype)
+            v = torch.where(down, v + theta, v)
+        v = torch.where(up, v - theta, v)
+        spikes.append(s)
+    return torch.stack(spikes)
+
+
+WINDOWS = {kind: partial(run_steps, step=step) for kind, step in STEPS.items()}
+WINDOWS["two_phase"] = two_phase_window
+WINDOWS[SIGNED_LEVELS] = partial(two_phase_window, signed=True)
+
+
 def if_spikes(x, theta, kind="if"):
     """Spike train of a neuron of ``kind`` for input currents ``x`` [T, ...] and threshold ``theta``.
 
     ``theta``: a scalar (a number or a 0-dim tensor). Returns s [T, ...], integers of ``x.dtype``:
-    {0, 1} (``if``), {-1, 0, 1} (``signed``) or [-T, T] (``graded``). No gradient flows through s.
+    {0, 1} (``if``, ``two_phase``), {-1, 0, 1} (``signed``, ``SIGNED_LEVELS``) or [-T, T]
+    (``graded``). No gradient flows through s.
     """
-    step = STEPS[check_kind(kind)]
+    window = WINDOWS[check_kind(kind)]
     theta = torch.as_tensor(theta, dtype=x.dtype, device=x.device).detach()
     with torch.no_grad():
-        return run_steps(x.detach(), theta, step)
+        return window(x.detach(), theta)
 
 
 def spike_train(x, theta, kind="if", kernels="reference"):
@@ -146,19 +188,24 @@ class IFNeuron(nn.Module):
     forward(x [T*B, ...]) -> [T*B, ...] = alpha * s, s as ``if_spikes`` gives it for ``kind``.
     The parameter name matches ``QuantReLU``'s, so a quantized ANN's state dict loads as is, and
     ``act_alpha`` gets a gradient through the output current. ``kernels`` picks how the time
-    loop runs (``spike_train``); every choice gives the same spikes.
+    loop runs (``spike_train``); every choice gives the same spikes. ``signed``: the neuron of a
+    signed activation (levels -L..L), a ``two_phase`` neuron only (ValueError otherwise).
     """
 
-    def __init__(self, T, alpha=1.0, kind="if", kernels="reference"):
+    def __init__(self, T, alpha=1.0, kind="if", kernels="reference", signed=False):
         super().__init__()
         self.T = int(T)
         self.kind = check_kind(kind)
+        if signed and kind != "two_phase":
+            raise ValueError(f"a signed activation (levels -L..L) converts into two_phase neurons only, not {kind!r}")
+        self.signed = bool(signed)
         self.kernels = check_kernels(kernels)
         self.act_alpha = nn.Parameter(torch.as_tensor(float(alpha)))
 
     def forward(self, x):
-        spikes = spike_train(unfold(x, self.T), self.act_alpha.detach(), self.kind, self.kernels)
+        kind = SIGNED_LEVELS if self.signed else self.kind
+        spikes = spike_train(unfold(x, self.T), self.act_alpha.detach(), kind, self.kernels)
         return fold(spikes) * self.act_alpha
 
     def extra_repr(self):
-        return f"T={self.T}, kind={self.kind}, kernels={self.kernels}"
+        return f"T={self.T}, kind={self.kind}, kernels={self.kernels}" + (", signed" if self.signed else "")

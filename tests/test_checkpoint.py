@@ -79,6 +79,7 @@ def test_checkpoints_of_the_first_format_still_load(tmp_path):
     old_ann = load_model(str(tmp_path / "ckpt.pt"))
     assert old_ann.kind == "ann" and old_ann.config == ModelConfig.from_dict(old_ann.ckpt["config"])
     assert old_ann.config.unet == UNetConfig(ch=32, ch_mult=(1,), attn=(), num_res_blocks=1, dropout=0.0, bit=2)
+    assert old_ann.config.unet.img_channels == 3 and old_ann.model.head.in_channels == 3
     assert old_ann.config.diffusion.T == 20 and old_ann.config.data.img_size == 8
     assert old_ann.ckpt["config"]["train"]["lr"] == 0.002
     old_snn = load_model(str(tmp_path / "converted_snn.pt"))
@@ -94,3 +95,32 @@ def test_file_digest_is_the_sha256_of_the_bytes(tmp_path):
     path.write_bytes(b"spikes" * 300000)
     assert checkpoint.file_digest(str(path)) == hashlib.sha256(b"spikes" * 300000).hexdigest()
     assert checkpoint.file_digest(str(path), 10) == checkpoint.file_digest(str(path))[:10]
+
+
+def test_checkpoints_from_before_img_channels_load_as_rgb_models(tmp_path):
+    """A checkpoint whose ``unet`` config has no ``img_channels`` (every one written before it existed)
+    is a 3-channel model: its weights load strictly and it maps [B, 3, H, W] to [B, 3, H, W]; a
+    1-channel one stores its setting and is rebuilt with it."""
+    from common.configs import DataConfig, DiffusionConfig, ModelConfig, UNetConfig
+    from common.models import build_unet
+    from snn.io import load_model
+    rgb = ModelConfig(UNetConfig(ch=32, ch_mult=(1,), num_res_blocks=1, num_groups=8), DiffusionConfig(T=20),
+                      DataConfig("cifar10", 8))
+    ann = build_unet(rgb)
+    config = rgb.to_dict()
+    del config["unet"]["img_channels"]
+    checkpoint.save_atomic({"net_model": ann.state_dict(), "ema_model": ann.state_dict(), "config": config},
+                           str(tmp_path / "old.pt"))
+    old = load_model(str(tmp_path / "old.pt"))
+    assert old.config == rgb and old.config.unet.img_channels == 3
+    with torch.no_grad():
+        x = torch.randn(2, 3, 8, 8)
+        assert old.model(x, torch.zeros(2, dtype=torch.long)).shape == (2, 3, 8, 8)
+    gray = ModelConfig(UNetConfig(ch=32, ch_mult=(1,), num_res_blocks=1, num_groups=8, img_channels=1),
+                       DiffusionConfig(T=20), DataConfig("mnist", 8))
+    ann = build_unet(gray)
+    checkpoint.save_atomic({"net_model": ann.state_dict(), "ema_model": ann.state_dict(), "config": gray.to_dict()},
+                           str(tmp_path / "gray.pt"))
+    loaded = load_model(str(tmp_path / "gray.pt"))
+    assert loaded.config.unet.img_channels == 1 and loaded.config.image_shape == (1, 8, 8)
+    assert loaded.model.head.weight.shape == (32, 1, 3, 3) and loaded.model.tail[-1].weight.shape == (1, 32, 3, 3)

@@ -24,8 +24,9 @@ def write_ckpt(logdir, **overrides):
     """A ``ckpt.pt`` in the first format (a flat ``flags`` dict), with a UNet of random weights."""
     flags = {**FLAGS, **overrides}
     torch.manual_seed(0)
+    extra = {k: flags[k] for k in ("spike_driven", "resample") if k in flags}
     model = unet(flags["T"], ch=flags["ch"], ch_mult=flags["ch_mult"], attn=flags["attn"],
-                 num_res_blocks=flags["num_res_blocks"], dropout=flags["dropout"], bit=flags["bit"])
+                 num_res_blocks=flags["num_res_blocks"], dropout=flags["dropout"], bit=flags["bit"], **extra)
     optim = torch.optim.Adam(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: 1.0)
     save_atomic({"net_model": model.state_dict(), "ema_model": model.state_dict(), "optim": optim.state_dict(),
@@ -48,7 +49,7 @@ def test_converts_samples_and_reports(tmp_path):
     assert loaded.kind == "snn" and isinstance(model, SpikingUNet)
     assert ckpt["config"]["unet"]["bit"] == 2 and ckpt["time_steps"] == 3 and model.neuron == "signed"
     assert ckpt["config"]["snn"] == {"neuron": "signed", "norm": "step"}
-    ann_state = torch.load(tmp_path / "ckpt.pt", weights_only=False)["ema_model"]
+    ann_state = torch.load(tmp_path / "ckpt.pt", weights_only=True)["ema_model"]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ann_state.items())
     for name in ("ann.png", "snn.png", "ann_vs_snn.png"):
         assert (tmp_path / "images" / name).stat().st_size > 0
@@ -145,5 +146,58 @@ def test_exact_mode_reports_the_float_floor(tmp_path):
     assert (report["neuron"], report["norm"]) == ("graded", "compensated")
     assert report["noise_relative_error_float64"] < 1e-12
     assert report["noise_relative_error"] <= 2 * report["ann_float32_vs_float64"] + 1e-5
-    assert torch.load(tmp_path / "converted_snn.pt", weights_only=False)["config"]["snn"] == \
+    assert torch.load(tmp_path / "converted_snn.pt", weights_only=True)["config"]["snn"] == \
         {"neuron": "graded", "norm": "compensated"}
+
+
+def test_two_phase_mode_is_exact_with_binary_spikes(tmp_path):
+    """--neuron=two_phase --norm=compensated: exact in float64, spikes in {0, 1} only, latency
+    (12 neuron layers on the longest path of this one-level UNet + 1) x 3 steps, and the energy
+    split by layer role, the analog layers running once per call (their ANN's energy)."""
+    write_ckpt(tmp_path)
+    proc = convert_script(f"--logdir={tmp_path}", "--neuron=two_phase", "--norm=compensated", *SMALL_RUN)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "conversion.json").read_text())
+    stats, energy = report["spike_stats"], report["energy"]
+    assert report["neuron"] == "two_phase" and report["noise_relative_error_float64"] < 1e-12
+    assert report["noise_relative_error"] <= 2 * report["ann_float32_vs_float64"] + 1e-5
+    assert stats["multi_spike_fraction"] == 0 and stats["negative_spike_fraction"] == 0
+    assert report["latency_steps"] == 13 * 3 and "latency 39 steps" in proc.stdout
+    parts = stats["energy_breakdown"]
+    for role in ("head", "shortcut"):  # the up blocks' shortcuts: analog, held
+        assert parts[role]["energy_pJ"] == pytest.approx(parts[role]["ann_energy_pJ"]) and parts[role]["energy_pJ"] > 0
+    assert parts["resampling"]["energy_pJ"] == 0  # one level: no resampling
+    assert 0 < parts["spike_conv"]["energy_pJ"] < parts["spike_conv"]["ann_energy_pJ"]
+    assert energy["network_calls"] == 2 and energy["energy_pJ_per_image"] == pytest.approx(
+        2 * stats["energy_pJ_per_sample"])
+    assert energy["energy_breakdown_pJ_per_image"]["spike_conv"]["int_ann_energy_pJ"] == pytest.approx(
+        2 * parts["spike_conv"]["int_ann_energy_pJ"])
+
+
+def test_spike_driven_model_reads_analog_values_only_at_its_inputs(tmp_path):
+    """A --spike_driven checkpoint (two levels, so resampling and channel changes exist) converts
+    so that only the head conv and the first time-embedding linear read analog values: its
+    shortcuts are folds and its resampling pools, without weights."""
+    write_ckpt(tmp_path, spike_driven=True, ch_mult=[1, 2])
+    proc = convert_script(f"--logdir={tmp_path}", "--neuron=two_phase", "--norm=compensated", *SMALL_RUN)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "conversion.json").read_text())
+    layers = [r for r in report["spike_stats"]["layers"] if r["type"] != "neuron"]
+    assert {r["name"] for r in layers if r["input"] != "spikes"} == {"head", "time_embedding.timembedding.1"}
+    assert not any(r["name"].endswith(("shortcut", "main")) for r in layers) and report["spike_driven"] is True
+    assert report["resample"] == "pool" and report["noise_relative_error_float64"] < 1e-12
+
+
+def test_spike_driven_demo_flagfiles(tmp_path):
+    """config/*/demo_spike_driven.txt: the demo's model with --spike_driven, stored in its
+    checkpoint, converted into two-phase neurons with compensated GroupNorm."""
+    from helpers import run_script
+    run_script("ANN_train.py", "--flagfile=config/train_ANN/demo_spike_driven.txt", f"--logdir={tmp_path}",
+               "--total_steps=2", "--save_step=2", "--sample_step=0", "--batch_size=2", "--kernels=reference")
+    unet_cfg = torch.load(tmp_path / "ckpt.pt", weights_only=False)["config"]["unet"]
+    assert unet_cfg["spike_driven"] is True and unet_cfg["ch"] == 32 and unet_cfg["num_groups"] == 8
+    proc = convert_script("--flagfile=config/SNN_convert/demo_spike_driven.txt", f"--logdir={tmp_path}",
+                          "--kernels=reference", *SMALL_RUN)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "conversion.json").read_text())
+    assert (report["neuron"], report["norm"], report["spike_driven"]) == ("two_phase", "compensated", True)

@@ -26,7 +26,9 @@ FIELDS = ("IS", "IS_std", "FID", "recognisability", "features", "warning", "metr
           "bit", "time_steps", "neuron", "norm", "sampler", "sample_steps", "eta", "clip_denoised", "num_images", "seed", "fid_cache", "shards",
           "wall_s", "time",
           "energy_pJ_per_image", "ann_energy_pJ_per_image", "firing_rate", "psnr_snn_vs_ann_dB", "ann_path",
-          "shards_made", "shards_reused", "world_size")
+          "shards_made", "shards_reused", "world_size", "latency_steps", "spike_driven", "resample",
+          "int_ann_energy_pJ_per_image", "energy_ratio_ann_over_snn", "energy_ratio_int_ann_over_snn",
+          "energy_breakdown_pJ_per_image", "energy_breakdown_pJ_per_call")
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +84,11 @@ def test_record_has_every_field(first_run, run_dir):
     assert "2048" in record["warning"] and record["metrics_skipped"] is None
     assert record["features"] == "inception_v3_pool3" and record["recognisability"] is None
     assert record["energy_pJ_per_image"] > 0 and record["ann_energy_pJ_per_image"] > 0
+    assert record["latency_steps"] == 3 and record["spike_driven"] is False and record["resample"] == "conv"
+    per_image, per_call = record["energy_breakdown_pJ_per_image"], record["energy_breakdown_pJ_per_call"]
+    assert sum(p["energy_pJ"] for p in per_image.values()) == pytest.approx(record["energy_pJ_per_image"])
+    assert per_image["head"]["energy_pJ"] == pytest.approx(2 * per_call["head"]["energy_pJ"])  # 2 calls an image
+    assert 0 < record["int_ann_energy_pJ_per_image"] < record["ann_energy_pJ_per_image"]
     assert record["ann_path"] == str(run_dir / "ckpt.pt") and record["psnr_snn_vs_ann_dB"] > 0
     assert (record["shards_made"], record["shards_reused"]) == (3, 0)
 
@@ -139,6 +146,7 @@ def test_an_ann_is_evaluated_the_same_way(run_dir, tmp_path):
     assert record["kind"] == "ann" and record["time_steps"] is None and record["sample_steps"] == TINY.diffusion.T
     assert record["metrics_skipped"] == "--fid=skip" and "psnr_snn_vs_ann_dB" not in record
     assert record["energy_pJ_per_image"] == pytest.approx(record["ann_energy_pJ_per_image"])
+    assert record["latency_steps"] is None and 0 < record["int_ann_energy_pJ_per_image"] < record["energy_pJ_per_image"]
 
 
 def test_contradicting_flag_is_a_one_line_error(run_dir, tmp_path):

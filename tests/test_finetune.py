@@ -543,7 +543,7 @@ def test_script_end_to_end_resume_and_skip(trained_logdir):
     assert_one_error_line(script("SNN_ft.py", f"--logdir={trained_logdir}", "--judge_images=3"),
                           "--judge_images=3", "contradicts")
 
-    ckpt = torch.load(trained_logdir / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(trained_logdir / "ckpt.pt", weights_only=True)
     ckpt["step"] += 1  # another checkpoint now: the backpacks no longer belong to it
     torch.save(ckpt, trained_logdir / "ckpt.pt")
     assert_one_error_line(script("SNN_ft.py", *FT_FLAGS, f"--logdir={trained_logdir}"), "has changed", "--restart")

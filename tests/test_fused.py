@@ -1,8 +1,8 @@
 """The fused IF neuron (snn/fused.py) against the reference loop (snn/neuron.py).
 
-Compiling costs seconds per (T, kind) pair, so the tests share four compiled kernels:
-T = 3 unsigned, T = 3 signed, T = 3 graded and T = 7 unsigned (T = 7 signed alone compiles for
-half a minute on two cores). The graded neuron gets T = 3 only: its step differs from the
+Compiling costs seconds per (T, kind) pair, so the tests share six compiled kernels:
+T = 3 unsigned, T = 3 signed, T = 3 graded, T = 3 two-phase (and its signed-levels variant) and
+T = 7 unsigned (T = 7 signed alone compiles for half a minute on two cores). The graded neuron gets T = 3 only: its step differs from the
 binary ones in a division, a floor, a clamp and a product with a non-binary spike, which T = 3
 exercises as well as T = 7 (spikes up to +-3, thresholds hit exactly), and the unrolled loop is
 the same code for every T. The kernels are compiled for dynamic sizes, so every shape below
@@ -16,7 +16,7 @@ import torch
 
 from quant import quantize_activation
 from snn import fused
-from snn.neuron import IFNeuron, fold, if_spikes, spike_train, time_mean, unfold
+from snn.neuron import SIGNED_LEVELS, IFNeuron, fold, if_spikes, spike_train, time_mean, unfold
 
 HAS_CXX = any(shutil.which(name) for name in ("g++", "c++", "clang++"))
 needs_compiler = pytest.mark.skipif(not HAS_CXX, reason="torch.compile on the CPU needs a C++ compiler")
@@ -40,7 +40,8 @@ def near_threshold_inputs(T, shape, theta, generator):
 
 
 @needs_compiler
-@pytest.mark.parametrize("T,kind", [(3, "if"), (3, "signed"), (3, "graded"), (7, "if")])
+@pytest.mark.parametrize("T,kind", [(3, "if"), (3, "signed"), (3, "graded"), (3, "two_phase"), (3, SIGNED_LEVELS),
+                                    (7, "if")])
 @pytest.mark.parametrize("shape", [(5,), (2, 3, 4, 4), (4, 32, 8, 8)])
 def test_fused_equals_reference_bit_for_bit(T, kind, shape):
     g = torch.Generator().manual_seed(T * 100 + len(shape))
@@ -51,12 +52,14 @@ def test_fused_equals_reference_bit_for_bit(T, kind, shape):
     assert out.shape == x.shape and out.dtype == x.dtype
     assert torch.equal(bits(out), bits(ref))
     if x.numel() > 100:
-        assert (ref > 0).any() and (kind == "if" or (ref < 0).any()), "the case must exercise (negative) spikes"
+        assert (ref > 0).any() and (kind in ("if", "two_phase") or (ref < 0).any()), \
+            "the case must exercise (negative) spikes"
         assert (kind != "graded") or (ref.abs() > 1).any(), "and graded spikes larger than 1"
 
 
 @needs_compiler
-@pytest.mark.parametrize("T,kind", [(3, "if"), (3, "signed"), (3, "graded"), (7, "if")])
+@pytest.mark.parametrize("T,kind", [(3, "if"), (3, "signed"), (3, "graded"), (3, "two_phase"), (3, SIGNED_LEVELS),
+                                    (7, "if")])
 def test_fused_equals_reference_near_threshold(T, kind):
     g = torch.Generator().manual_seed(7)
     theta = 0.75
@@ -64,7 +67,9 @@ def test_fused_equals_reference_near_threshold(T, kind):
     ref = if_spikes(x, theta, kind)
     assert torch.equal(bits(fused.if_spikes_fused(x, torch.tensor(theta), kind)), bits(ref))
     # the membrane sits exactly on the threshold somewhere: v = theta / 2 + theta / 2 at t = 0
-    assert ((x[0] == theta / 2) & (ref[0] == 1)).any()
+    # (two-phase: after the whole window)
+    first = x[0] if kind in ("if", "signed", "graded") else x.sum(0)
+    assert ((first == theta / 2) & (ref[0] == 1)).any()
 
 
 @needs_compiler
@@ -100,7 +105,7 @@ def test_fused_constant_input_is_the_quantizer():
 
 
 @needs_compiler
-@pytest.mark.parametrize("kind", ["if", "signed", "graded"])
+@pytest.mark.parametrize("kind", ["if", "signed", "graded", "two_phase"])
 def test_neuron_module_kernels_agree(kind):
     T, B = 3, 2
     x = torch.randn(T * B, 32, 4, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
@@ -188,13 +193,13 @@ def quantizer_inputs(alpha, levels, generator):
 
 
 @needs_compiler
-@pytest.mark.parametrize("bit", [1, 2, 4])
-def test_compiled_quantizer_equals_reference(bit):
-    """--kernels=compile: the fused quantizer gives the reference's values and gradients."""
+@pytest.mark.parametrize("bit, signed", [(1, False), (2, False), (4, False), (2, True)])
+def test_compiled_quantizer_equals_reference(bit, signed):
+    """--kernels=compile: the fused quantizer (and the signed one) gives the reference's values and gradients."""
     from quant import QuantReLU
 
     generator = torch.Generator().manual_seed(bit)
-    ref, fused = QuantReLU(bit, 1.3), QuantReLU(bit, 1.3, kernels="compile")
+    ref, fused = QuantReLU(bit, 1.3, signed=signed), QuantReLU(bit, 1.3, kernels="compile", signed=signed)
     x = quantizer_inputs(1.3, 2 ** bit - 1, generator)
     grad = torch.randn(x.shape, generator=generator)
     results = []
@@ -212,7 +217,7 @@ def test_compiled_quantizer_equals_reference(bit):
 def test_quantizer_auto_falls_back_to_the_reference(monkeypatch):
     from quant import QuantReLU, activation
 
-    def broken():
+    def broken(*args):
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(activation, "_compiled", broken)

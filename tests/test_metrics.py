@@ -227,3 +227,23 @@ def test_append_jsonl_keeps_earlier_lines(tmp_path):
     append_jsonl(path, {"FID": 1.5})
     append_jsonl(path, {"FID": None})
     assert [json.loads(line) for line in open(path)] == [{"FID": 1.5}, {"FID": None}]
+
+
+def test_results_table_shows_the_energy_baselines():
+    """One row per model: energy per image of the model itself, of its quantized ANN on integer
+    hardware, the float-MAC ANN over the model (SNNs only) and the latency, from snn_eval lines."""
+    from metrics.results import table
+    common = {"sampler": "ddim", "sample_steps": 20, "num_images": 256, "features": "shapes_net", "FID": 30.0,
+              "IS": 2.0, "recognisability": 0.4, "bit": 2}
+    ann = {**common, "kind": "ann", "model_path": "logs/x/ckpt.pt", "spike_driven": True,
+           "energy_pJ_per_image": 4.4e9, "int_ann_energy_pJ_per_image": 4.2e8, "energy_ratio_ann_over_snn": 1.0}
+    snn = {**common, "kind": "snn", "model_path": "logs/x/converted_snn_tp.pt", "neuron": "two_phase",
+           "norm": "compensated", "spike_driven": True, "energy_pJ_per_image": 5.7e8,
+           "int_ann_energy_pJ_per_image": 4.2e8, "energy_ratio_ann_over_snn": 7.75, "latency_steps": 75,
+           "firing_rate": 0.22, "psnr_snn_vs_ann_dB": 40.0}
+    lines = table([ann, snn]).splitlines()
+    assert "integer ANN / image (uJ)" in lines[2] and "ANN / model" in lines[2] and "latency (steps)" in lines[2]
+    assert lines[4].startswith("| quantized ANN (2-bit), spike-driven |")
+    assert "| 4400.0 | 420.0 | – | – |" in lines[4]
+    assert lines[5].startswith("| SNN, converted, spike-driven | two_phase | compensated |")
+    assert "| 570.0 | 420.0 | 7.75 | 75 | 0.220 |" in lines[5]

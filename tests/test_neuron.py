@@ -15,8 +15,11 @@ from torch.nn import init
 
 from helpers import unet
 from quant import QuantReLU, quantize_activation
+from quant.activation import quantize_signed
 from snn import IFNeuron, SpikingUNet, convert, fold, swap_activations, time_mean, unfold
-from snn.neuron import if_spikes, spike_train
+from snn.convert import Hold
+from snn.neuron import SIGNED_LEVELS, if_spikes, spike_train
+from snn.stats import SpikeMonitor
 from snn.norm import CompensatedGroupNorm, swap_group_norms
 
 HAS_CXX = any(shutil.which(name) for name in ("g++", "c++", "clang++"))
@@ -144,6 +147,50 @@ def test_fused_graded_equals_reference_bit_for_bit():
     assert all(torch.equal(o.view(torch.int32), outs[0].view(torch.int32)) for o in outs)
 
 
+@pytest.mark.parametrize("bit", [1, 2, 3, 4])
+@pytest.mark.parametrize("signed", [False, True])
+def test_two_phase_count_is_the_quantizer_in_any_order(bit, signed):
+    """Random time-varying inputs, the same inputs in random orders in time: the count is
+    clamp(floor(S / theta + 1/2), 0 (signed: -L), L) every time, fired as |count| spikes of one
+    sign at the start of the window; the mean output is the b-bit (signed) quantizer of the mean
+    input."""
+    L = 2 ** bit - 1
+    kind = SIGNED_LEVELS if signed else "two_phase"
+    g = torch.Generator().manual_seed(10 * bit + signed)
+    theta = float(torch.empty(1).uniform_(0.3, 3.0, generator=g))
+    mean = torch.empty(4096, dtype=torch.float64).uniform_(-1.5 * theta, 1.5 * theta, generator=g)
+    x = mean + 2 * theta * torch.randn(L, 4096, dtype=torch.float64, generator=g)
+    level = torch.clamp(torch.floor(x.sum(0) / theta + 0.5), -L if signed else 0, L)
+    for _ in range(4):
+        order = torch.stack([torch.randperm(L, generator=g) for _ in range(4096)], 1)  # per neuron
+        s = if_spikes(torch.gather(x, 0, order), theta, kind)
+        assert set(s.unique().tolist()) <= ({-1.0, 0.0, 1.0} if signed else {0.0, 1.0})
+        assert torch.equal(s.sum(0), level)
+        steps = torch.arange(L, dtype=torch.float64)[:, None]
+        assert torch.equal(s, (steps < level.abs()).double() * level.sign())  # front-loaded
+    quantizer = quantize_signed if signed else quantize_activation
+    out = time_mean(IFNeuron(L, theta, "two_phase", signed=signed).double()(fold(x[:, :, None])), L)[:, 0]
+    torch.testing.assert_close(out, quantizer(x.mean(0), theta, L), rtol=0, atol=1e-12 * theta)
+    assert (level == L).any() and (level == 0).any() and (not signed or (level == -L).any())
+
+
+def test_two_phase_spike_trains_by_hand():
+    """theta = 1, T = 3: the membrane starts at 0.5 and integrates the window before it fires."""
+    cases = [([2.6, 0.0, -1.0], [1, 1, 0]),   # v = 2.1: two spikes
+             ([-1.0, 0.0, 2.6], [1, 1, 0]),   # the same inputs later: the same spikes, first
+             ([0.25, 0.0, 0.25], [1, 0, 0]),  # v = 1.0: one spike (on the threshold fires)
+             ([0.25, 0.125, 0.0], [0, 0, 0]),  # v = 0.875: none
+             ([5.0, 0.0, 0.0], [1, 1, 1]),    # capped at one spike a step, T in all
+             ([3.0, -3.0, 1.5], [1, 1, 0])]   # v = 2.0; the IF neuron fires 1, 0, 1
+    for inputs, expected in cases:
+        x = torch.tensor(inputs, dtype=torch.float64)[:, None]
+        assert if_spikes(x, 1.0, "two_phase")[:, 0].tolist() == expected, inputs
+    x = torch.tensor([-2.6, 0.0, 1.0], dtype=torch.float64)[:, None]  # v = -1.1: two negative spikes
+    assert if_spikes(x, 1.0, SIGNED_LEVELS)[:, 0].tolist() == [-1, -1, 0]
+    with pytest.raises(ValueError, match="two_phase"):
+        IFNeuron(3, 1.0, "graded", signed=True)
+
+
 # -- compensated GroupNorm --------------------------------------------------------------------
 
 def random_norm(T, channels=64, groups=32):
@@ -212,13 +259,14 @@ def test_swap_group_norms_keeps_names_and_values():
 # -- the whole network ------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def random_unet(bit, size=16, seed=0):
-    """A random quantized UNet whose output depends on its input (the near-zero last convs are
-    re-initialised) with every threshold at the 99th percentile of its activation's input.
+def random_unet(bit, size=16, seed=0, calibration=8, **fields):
+    """A random quantized UNet (``SMALL``, updated by ``fields``) whose output depends on its input
+    (the near-zero last convs are re-initialised) with every threshold at the 99th percentile of
+    its activation's input over ``calibration`` random images.
 
     Shared between tests (built once): convert or deep-copy it, never change it."""
     torch.manual_seed(seed)
-    ann = unet(100, bit=bit, **SMALL)
+    ann = unet(100, bit=bit, **{**SMALL, **fields})
     for module in ann.modules():
         if isinstance(module, nn.Conv2d) and module.weight.abs().max() < 1e-3:
             init.xavier_uniform_(module.weight)
@@ -228,7 +276,7 @@ def random_unet(bit, size=16, seed=0):
 
     hooks = [m.register_forward_pre_hook(calibrate) for m in ann.modules() if isinstance(m, QuantReLU)]
     with torch.no_grad():
-        ann(torch.randn(8, 3, size, size), torch.randint(100, (8,)))
+        ann(torch.randn(calibration, 3, size, size), torch.randint(100, (calibration,)))
     for hook in hooks:
         hook.remove()
     return ann.eval()
@@ -260,13 +308,74 @@ def test_graded_compensated_snn_is_the_ann_in_float64(bit):
     assert float(moved.min()) > 0.1, "the output depends on the input"
 
 
+@pytest.mark.parametrize("fields", [{}, {"spike_driven": True}, {"spike_driven": True, "resample": "act_conv"},
+                                    {"spike_driven": True, "resample": "signed_conv"},
+                                    {"spike_driven": True, "shortcut": "signed"},
+                                    {"spike_driven": True, "shortcut": "fold"}])
+def test_two_phase_compensated_snn_is_the_ann_in_float64(fields):
+    """Two-phase neurons + compensated GroupNorm: the SNN is its ANN to float64 rounding, with
+    binary spikes only (signed ones for the signed quantizer), for the seed's and the spike-driven UNets."""
+    ann = random_unet(2, ch_mult=(1, 2, 2), **fields)
+    snn = convert(ann, "two_phase", "compensated").double()
+    x, t = inputs(2, 16, torch.float64)
+    monitor = SpikeMonitor(snn)
+    with torch.no_grad(), monitor:
+        reference = copy.deepcopy(ann).double()(x, t)
+        err = relative_error(snn(x, t), reference)
+    s = monitor.summary()
+    print(f"\n{fields}: float64 two-phase+compensated SNN vs ANN, relative error {float(err.max()):.1e}")
+    assert float(err.max()) < 1e-12
+    assert s["multi_spike_fraction"] == 0 and s["firing_rate"] > 0.01
+    assert (s["negative_spike_fraction"] > 0) == ("signed" in (fields.get("resample"), fields.get("shortcut")) or
+                                                  fields.get("resample") == "signed_conv")
+
+
+def test_two_phase_snn_of_a_cifar10_sized_unet_is_its_ann_in_float64():
+    """ch 128, ch_mult 1 2 2 2, two ResBlocks a level, 32x32, one image: error <= 1e-12, spikes in {0, 1}."""
+    ann = random_unet(2, size=32, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, dropout=0.1, calibration=2)
+    snn = convert(ann, "two_phase", "compensated").double()
+    x, t = inputs(1, 32, torch.float64, seed=3)
+    monitor = SpikeMonitor(snn)
+    with torch.no_grad(), monitor:
+        reference = copy.deepcopy(ann).double()(x, t)
+        err = float(relative_error(snn(x, t), reference).max())
+    s = monitor.summary()
+    print(f"\nCIFAR-10-sized UNet: float64 two-phase+compensated SNN vs ANN, relative error {err:.1e}, "
+          f"{s['firing_rate']:.3f} spikes per neuron per step")
+    assert err <= 1e-12 and float(reference.abs().max()) > 0
+    assert s["multi_spike_fraction"] == 0 and s["negative_spike_fraction"] == 0 and s["firing_rate"] > 0.01
+
+
+def test_two_phase_holds_the_analog_inputs():
+    """Every weight layer that reads the analog stream reads its window mean, the same at every
+    step (so its MACs are counted once); no other layer's input changes."""
+    ann = random_unet(2, ch_mult=(1, 2, 2))
+    snn = convert(ann, "two_phase", "compensated")
+    holds = [name for name, m in snn.named_modules() if isinstance(m, Hold)]
+    assert sorted(holds) == sorted([n + ".shortcut_input" for n, m in snn.named_modules()
+                                    if isinstance(getattr(m, "shortcut", None), nn.Conv2d)] +
+                                   [f"{p}.act" for p, m in snn.named_modules() if type(m).__name__ in
+                                    ("DownSample", "UpSample")])
+    monitor = SpikeMonitor(snn)
+    with torch.no_grad(), monitor:
+        snn(*inputs(2, 16, torch.float32))
+    rows = [r for r in monitor.summary()["layers"] if r["type"] != "neuron"]
+    analog = {r["name"] for r in rows if r["input"] == "analog"}
+    assert {"head", "time_embedding.timembedding.1"} < analog and len(analog) == len(holds) + 2
+    assert all(r["mac_per_sample"] == r["ann_mac_per_sample"] for r in rows if r["input"] == "analog")
+    assert all(r["mac_per_sample"] == 0 and r["ac_per_sample"] > 0 for r in rows if r["input"] == "spikes")
+    streaming = SpikeMonitor(convert(ann, "graded", "compensated"))
+    assert not any(isinstance(m, Hold) for m in streaming.root.modules())
+
+
 def test_one_exact_part_alone_is_not_the_ann():
     """Sensitivity of the test above: with either part per step / binary, the SNN is far off."""
     ann = random_unet(2)
     x, t = inputs(2, 16, torch.float64)
     with torch.no_grad():
         reference = copy.deepcopy(ann).double()(x, t)
-        for neuron, norm in (("graded", "step"), ("if", "compensated"), ("signed", "compensated")):
+        for neuron, norm in (("graded", "step"), ("two_phase", "step"), ("if", "compensated"),
+                             ("signed", "compensated")):
             snn = convert(ann, neuron, norm).double()
             assert float(relative_error(snn(x, t), reference).min()) > 1e-2, (neuron, norm)
 
@@ -295,7 +404,7 @@ def test_binary_step_snn_is_todays(kind):
         assert torch.equal(snn(x, t), today(x, t))
 
 
-@pytest.mark.parametrize("neuron", ["if", "signed", "graded"])
+@pytest.mark.parametrize("neuron", ["if", "signed", "graded", "two_phase"])
 @pytest.mark.parametrize("norm", ["step", "compensated"])
 def test_every_neuron_and_norm_converts(neuron, norm):
     ann = random_unet(2)

@@ -111,3 +111,27 @@ def test_bad_bit_widths_are_refused():
         QuantReLU(0)
     with pytest.raises(ValueError):
         WeightQuantizer(1)
+
+
+def test_signed_levels_round_half_up_by_hand():
+    # bit 2, alpha 3: levels -3..3 of width 1; ties go up, on both sides of zero
+    x = torch.tensor([-10.0, -3.0, -2.5, -1.5, -0.5, -0.49, 0.0, 0.5, 2.5, 10.0])
+    expected = torch.tensor([-3.0, -3.0, -2.0, -1.0, 0.0, 0.0, 0.0, 1.0, 3.0, 3.0])
+    assert torch.equal(QuantReLU(2, init_alpha=3.0, signed=True)(x), expected)
+    assert torch.equal(QuantReLU(32, signed=True)(x), x)  # full precision: the identity
+
+
+def test_signed_gradients_follow_apot_rules():
+    alpha = 2.0
+    q = QuantReLU(2, init_alpha=alpha, signed=True)
+    xv = [-5.0, -2.0, -1.9, -0.3, 1.0, 2.0]
+    x = torch.tensor(xv, requires_grad=True)
+    y = q(x)
+    y.sum().backward()
+    # d y / d x: 1 strictly inside (-alpha, alpha)
+    assert torch.equal(x.grad, torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 0.0]))
+    # d y / d alpha: -1 at and below -alpha, (y - x) / alpha inside, 1 at and above alpha
+    yv = y.detach().tolist()
+    assert yv == pytest.approx([-2.0, -2.0, -2.0, 0.0, 4 / 3, 2.0])
+    by_hand = -2.0 + sum((yi - xi) / alpha for yi, xi in zip(yv[2:5], xv[2:5])) + 1.0
+    assert q.act_alpha.grad.item() == pytest.approx(by_hand, abs=1e-6)

@@ -24,7 +24,7 @@ def integer_level(x, alpha, levels):
 
 # -- the neuron -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["if", "signed", "graded"])
+@pytest.mark.parametrize("kind", ["if", "signed", "graded", "two_phase"])
 @pytest.mark.parametrize("bit", [1, 2, 3, 4])
 def test_constant_input_reproduces_quant_relu(bit, kind):
     """Over T = 2^bit - 1 steps of a constant input, the spike count is the quantizer's level."""

@@ -6,8 +6,9 @@ import torch
 import torch.nn as nn
 
 from helpers import unet
+from quant import QuantReLU
 from snn import IFNeuron, convert, fold, time_mean
-from snn.stats import SpikeMonitor, fan_out
+from snn.stats import ENERGY_PER_AC_PJ, ENERGY_PER_MAC_PJ, SpikeMonitor, fan_out, per_image
 
 THETA = 0.7  # not a binary fraction: the monitor must recover s from theta * s by rounding
 
@@ -117,3 +118,154 @@ def test_graded_unet_counts_events_of_spike_inputs():
     assert s["firing_rate"] > s["spike_rate"] > 0 and 0 < s["multi_spike_fraction"] < 1
     assert 0 < s["negative_spike_fraction"] < 1
     assert s["firing_rate"] == pytest.approx(s["positive_rate"] + s["negative_rate"])
+
+
+# -- the integer-activation ANN and the breakdown by role ---------------------------------------
+
+LEVELS = [[3, 2, 1, 0], [0, 0, 0, 0]]  # 2-bit levels of two samples' four activations
+
+
+class TinyANN(nn.Module):
+    """quantizer -> linear: forward(x [B, 4] pre-activations) -> [B, 5]."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = QuantReLU(2, init_alpha=THETA)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.fc(self.act(x))
+
+
+def test_integer_ann_costs_popcounts_of_the_levels():
+    """Levels 3, 2, 1, 0 have 2 + 1 + 1 + 0 set bits: 4 additions per output, 5 outputs, for the
+    first sample, nothing for the silent one; the ANN's own cost stays fan_in MACs per output."""
+    x = torch.tensor(LEVELS, dtype=torch.float32) * THETA / 3
+    monitor = SpikeMonitor(TinyANN().eval())
+    with monitor, torch.no_grad():
+        monitor.root(x)
+    s = monitor.summary()
+    row = next(r for r in s["layers"] if r["name"] == "fc")
+    assert row["input"] == "quantized" and row["role"] == "spike_linear"
+    assert row["int_ann_add_per_sample"] == 4 * 5 / 2 and row["int_ann_mac_per_sample"] == 0
+    assert row["mac_per_sample"] == row["ann_mac_per_sample"] == 4 * 5 and row["ac_per_sample"] == 0
+    assert s["int_ann_energy_pJ_per_sample"] == pytest.approx(10 * ENERGY_PER_AC_PJ)
+    assert s["energy_pJ_per_sample"] == s["ann_energy_pJ_per_sample"] == pytest.approx(20 * ENERGY_PER_MAC_PJ)
+
+
+@pytest.mark.parametrize("kind", ["two_phase", "graded"])
+def test_snn_integer_baseline_is_its_counts(kind):
+    """The same levels as constant currents into a neuron: its counts are the levels, so the
+    integer baseline is the ANN's (4 additions a output), and the SNN spends one accumulate per
+    spike: 3 + 2 + 1 = 6 per output."""
+    model = TinySNN(kind).eval()
+    currents = torch.tensor(LEVELS, dtype=torch.float32)[:, None, :].expand(2, 3, 4) * THETA / 3
+    monitor = SpikeMonitor(model)
+    with monitor, torch.no_grad():
+        model(currents.contiguous())
+    row = next(r for r in monitor.summary()["layers"] if r["name"] == "fc")
+    assert row["input"] == "spikes" and row["role"] == "spike_linear"
+    assert row["int_ann_add_per_sample"] == 4 * 5 / 2 and row["ac_per_sample"] == 6 * 5 / 2
+
+
+DEMO = dict(ch=32, ch_mult=[1, 2, 2], attn=[], num_res_blocks=1, dropout=0.0, bit=2, num_groups=8, alpha_init=0.5)
+
+
+def roles(summary):
+    return {r["name"]: r["role"] for r in summary["layers"] if r["type"] != "neuron"}
+
+
+def test_roles_and_breakdown_of_the_seeds_unet():
+    """pytorch-ddpm's UNet (the demo's shape): the head, the first time-embedding linear, the
+    1x1 shortcuts and the resampling convs read analog values; the rest read activations. The
+    breakdown adds up to the totals, per network call and (x calls) per image."""
+    torch.manual_seed(0)
+    ann = unet(100, **DEMO).eval()
+    snn = convert(ann, "two_phase", "compensated")
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 90])
+    for model in (ann, snn):
+        monitor = SpikeMonitor(model)
+        with monitor, torch.no_grad():
+            model(x, t)
+        s = monitor.summary()
+        by_name = roles(s)
+        assert by_name["head"] == "head" and by_name["time_embedding.timembedding.1"] == "time_embedding"
+        assert by_name["time_embedding.timembedding.3"] == "spike_linear"
+        assert by_name["downblocks.1.main"] == by_name["upblocks.2.main"] == "resampling"
+        assert by_name["downblocks.2.shortcut"] == by_name["upblocks.0.shortcut"] == "shortcut"
+        assert by_name["downblocks.0.block1.2"] == by_name["tail.2"] == "spike_conv"
+        assert by_name["downblocks.0.temb_proj.1"] == "spike_linear"
+        parts = s["energy_breakdown"]
+        for key, total in (("energy_pJ", "energy_pJ_per_sample"), ("ann_energy_pJ", "ann_energy_pJ_per_sample"),
+                           ("int_ann_energy_pJ", "int_ann_energy_pJ_per_sample")):
+            assert sum(p[key] for p in parts.values()) == pytest.approx(s[total])
+        assert parts["other_analog"] == {"energy_pJ": 0.0, "ann_energy_pJ": 0.0, "int_ann_energy_pJ": 0.0}
+        image = per_image(s, 20)
+        assert image["energy_pJ_per_image"] == pytest.approx(20 * s["energy_pJ_per_sample"])
+        assert image["energy_breakdown_pJ_per_image"]["shortcut"]["energy_pJ"] == \
+            pytest.approx(20 * parts["shortcut"]["energy_pJ"])
+    # analog layers run once per call in the two-phase SNN: the same energy as in the ANN
+    for role in ("head", "shortcut", "resampling", "time_embedding"):
+        assert parts[role]["energy_pJ"] == pytest.approx(parts[role]["ann_energy_pJ"])
+
+
+def test_a_spike_driven_unet_reads_analog_values_only_at_its_inputs():
+    """--spike_driven (every resampling): only the head conv and the first time-embedding linear
+    read analog values, in the ANN (quantized inputs elsewhere) and in its two-phase SNN."""
+    torch.manual_seed(0)
+    for resample, shortcut in (("pool", "act"), ("act_conv", "act"), ("signed_conv", "act"), ("pool", "signed"),
+                             ("pool", "fold")):
+        ann = unet(100, **DEMO, spike_driven=True, resample=resample, shortcut=shortcut).eval()
+        for model, driven in ((ann, "quantized"), (convert(ann, "two_phase", "compensated"), "spikes")):
+            monitor = SpikeMonitor(model)
+            with monitor, torch.no_grad():
+                model(torch.randn(2, 3, 16, 16), torch.tensor([10, 90]))
+            rows = [r for r in monitor.summary()["layers"] if r["type"] != "neuron"]
+            assert {r["name"] for r in rows if r["input"] == "analog"} == {"head", "time_embedding.timembedding.1"}
+            assert all(r["input"] == driven for r in rows if r["name"] not in ("head", "time_embedding.timembedding.1"))
+
+
+def test_exact_snn_has_its_anns_integer_baseline():
+    """float64, two-phase and compensated: the SNN's counts are its ANN's levels, so the integer
+    baselines agree exactly, and its accumulates are the levels' sum (at least the set bits)."""
+    torch.manual_seed(1)
+    ann = unet(100, **DEMO).double().eval()
+    snn = convert(ann, "two_phase", "compensated")
+    x, t = torch.randn(2, 3, 16, 16, dtype=torch.float64), torch.tensor([10, 90])
+    summaries = []
+    for model in (ann, snn):
+        monitor = SpikeMonitor(model)
+        with monitor, torch.no_grad():
+            model(x, t)
+        summaries.append(monitor.summary())
+    a, s = summaries
+    assert s["int_ann_energy_pJ_per_sample"] == pytest.approx(a["int_ann_energy_pJ_per_sample"], rel=1e-12)
+    assert s["ac_per_sample"] >= s["int_ann_add_per_sample"] > 0
+
+
+def test_bench_energy_prints_the_breakdown_and_draws_it(tmp_path):
+    """bench/energy.py on a tiny ANN ckpt.pt, converted on the fly: one row for the ANN, one for its
+    two-phase SNN, the roles adding up to the total, and a PNG."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+    from test_conversion_script import write_ckpt
+    write_ckpt(tmp_path)
+    out = tmp_path / "energy.png"
+    proc = subprocess.run([sys.executable, "bench/energy.py", str(tmp_path / "ckpt.pt"), "--neuron=two_phase",
+                           "--probe_images=1", "--sample_steps=2", "--labels", "tiny", f"--out={out}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| tiny")]
+    assert [r[0].strip() for r in rows] == ["tiny, ANN", "tiny, SNN"] and rows[1][1].strip() == "two_phase"
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("| model"))
+    roles = len(header.split("|")[1:-1]) - 8  # model, neuron, the roles, then 6 columns
+    for r in rows:
+        parts = [float(v) for v in r[2:2 + roles]]
+        assert sum(parts) == pytest.approx(float(r[2 + roles].strip(" *")), abs=0.1 * roles)
+    assert float(rows[1][-1]) == 39 and out.stat().st_size > 10_000  # one level: (12 + 1) x 3 steps
+    bad = subprocess.run([sys.executable, "bench/energy.py", str(tmp_path / "missing.pt")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and bad.stderr.strip().startswith("error: ") and "Traceback" not in bad.stderr

@@ -12,12 +12,16 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from tests.helpers import ROOT
 
 FLAGFILES = {"ANN_train.py": "config/train_ANN/demo.txt", "SNN_conversion.py": "config/SNN_convert/demo.txt",
              "SNN_ft.py": "config/SNN_ft/demo.txt", "evaluate.py": "config/SNN_evaluate/demo.txt",
              "compute_fid_stats.py": None}
+
+REFUSED = ("not a checkpoint of this project", "nothing in it was executed")
 
 # (script, arguments with {run} = the run folder and {file} = a regular file, words the error line holds)
 CASES = {
@@ -44,6 +48,15 @@ CASES = {
     "ch=36": ("ANN_train.py", ["--ch=36"], ["ch=36", "multiple of --num_groups"]),
     "num_groups=3": ("ANN_train.py", ["--num_groups=3"], ["num_groups=3", "multiple of --num_groups"]),
     "snr_gamma=-1": ("ANN_train.py", ["--snr_gamma=-1"], ["--snr_gamma=-1", "0 (off) or positive"]),
+    "folder missing": ("ANN_train.py", ["--logdir={run}/new", "--dataset=folder", "--data_dir={run}/no_such_folder"],
+                       ["no_such_folder", "is not a folder"]),
+    "folder without images": ("ANN_train.py", ["--logdir={run}/new", "--dataset=folder", "--data_dir={run}/empty"],
+                              ["no image files below", "empty"]),
+    "folder with a broken image": ("ANN_train.py", ["--logdir={run}/new", "--dataset=folder", "--data_dir={run}/images"],
+                                   ["cannot read the image", "broken.png"]),
+    "img_channels against mnist": ("ANN_train.py", ["--logdir={run}/new", "--dataset=mnist", "--img_channels=3"],
+                                   ["--img_channels=3", "--dataset=mnist"]),
+    "img_channels=2": ("ANN_train.py", ["--img_channels=2"], ["--img_channels", "1 (grayscale) or 3"]),
     "stats out under a file": ("compute_fid_stats.py", ["--dataset=shapes", "--out={file}/s.npz"], ["--out"]),
     "conversion val_size=0": ("SNN_conversion.py", ["--val_size=0"], ["--val_size=0"]),
     "conversion sample_size=0": ("SNN_conversion.py", ["--sample_size=0"], ["--sample_size=0"]),
@@ -63,12 +76,48 @@ CASES = {
     "eval missing model": ("evaluate.py", ["--eval_model_path={run}/none.pt"], ["no checkpoint at", "none.pt"]),
     "eval statistics without mu": ("evaluate.py", ["--fid=require", "--fid_cache={run}/bad.npz"],
                                    ["bad.npz", "mu"]),
+    # a checkpoint from elsewhere whose unpickling would run a shell command (see ``template``)
+    "malicious ckpt.pt, stage 1": ("ANN_train.py", ["--logdir={run}/evil"], ["evil/ckpt.pt", *REFUSED]),
+    "malicious --init": ("ANN_train.py", ["--logdir={run}/new", "--init={run}/evil.pt"], ["evil.pt", *REFUSED]),
+    "malicious ckpt.pt, stage 2": ("SNN_conversion.py", ["--logdir={run}/evil"], ["evil/ckpt.pt", *REFUSED]),
+    "malicious ckpt.pt, stage 3": ("SNN_ft.py", ["--logdir={run}/evil"], ["evil/ckpt.pt", *REFUSED]),
+    "malicious model, stage 4": ("evaluate.py", ["--eval_model_path={run}/evil.pt"], ["evil.pt", *REFUSED]),
+    "malicious --ann_path": ("evaluate.py", ["--ann_path={run}/evil.pt"], ["evil.pt", *REFUSED]),
+    # checkpoints that lack a configuration section, or the weights
+    "no data section, stage 1": ("ANN_train.py", ["--logdir={run}/partial"], ["partial/ckpt.pt", "'data' section"]),
+    "no data section, stage 2": ("SNN_conversion.py", ["--logdir={run}/partial"], ["partial/ckpt.pt", "'data'"]),
+    "no data section, stage 3": ("SNN_ft.py", ["--logdir={run}/partial"], ["partial/ckpt.pt", "'data'"]),
+    "no weights, --init": ("ANN_train.py", ["--logdir={run}/new", "--init={run}/noweights.pt"],
+                           ["noweights.pt", "'ema_model'"]),
+    "no data section, stage 4": ("evaluate.py", ["--eval_model_path={run}/partial/ckpt.pt"], ["'data' section"]),
+    "no weights, --ann_path": ("evaluate.py", ["--ann_path={run}/noweights.pt"], ["noweights.pt"]),
+    "no optimiser state, resume": ("ANN_train.py", ["--logdir={run}/no_optim"],
+                                   ["no_optim/ckpt.pt", "'optim'", "resuming training"]),
 }
 
 
+class ShellCommand:
+    """Unpickled, it runs ``touch path``: what a checkpoint from elsewhere may carry."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
 @pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    """A run folder with a 1-step checkpoint of the demo model and a statistics file lacking mu/sigma."""
+def marker(tmp_path_factory):
+    """The file the malicious checkpoints would create when loaded."""
+    return tmp_path_factory.mktemp("marker") / "the_checkpoint_ran_a_command"
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory, marker):
+    """A run folder with a 1-step checkpoint of the demo model, a statistics file lacking mu/sigma,
+    and checkpoints that are malicious (``evil/ckpt.pt``, ``evil.pt``) or incomplete
+    (``partial/ckpt.pt``: no 'data' section; ``noweights.pt``; ``no_optim/ckpt.pt``: no optimiser),
+    an empty folder and a folder of images one of which is broken."""
     folder = tmp_path_factory.mktemp("template")
     cmd = [sys.executable, "ANN_train.py", "--flagfile=config/train_ANN/demo.txt", f"--logdir={folder}",
            "--total_steps=1", "--save_step=1", "--sample_step=0"]
@@ -76,6 +125,21 @@ def template(tmp_path_factory):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     np.savez(folder / "bad.npz", mean=np.zeros(3))
+    ckpt = torch.load(folder / "ckpt.pt", weights_only=True)
+    for name in ("evil", "partial", "no_optim"):
+        (folder / name).mkdir()
+    for path in (folder / "evil" / "ckpt.pt", folder / "evil.pt"):
+        torch.save({**ckpt, "note": ShellCommand(marker)}, path)
+    torch.save({**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k != "data"}},
+               folder / "partial" / "ckpt.pt")
+    torch.save({"config": ckpt["config"], "step": 1}, folder / "noweights.pt")
+    torch.save({k: ckpt[k] for k in ("net_model", "ema_model", "config")}, folder / "no_optim" / "ckpt.pt")
+    assert not marker.exists()
+    (folder / "empty").mkdir()
+    (folder / "images" / "sub").mkdir(parents=True)
+    for name in ("a.png", "sub/b.png"):
+        Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(folder / "images" / name)
+    (folder / "images" / "sub" / "broken.png").write_bytes(b"\x89PNG but not an image")
     return folder
 
 
@@ -127,3 +191,8 @@ def test_bad_input_is_one_line_and_changes_nothing(outcomes, case):
     for word in CASES[case][2]:
         assert word in lines[0], (word, lines[0])
     assert after == before, "an earlier checkpoint or output changed"
+
+
+def test_no_checkpoint_ran_what_it_carries(outcomes, marker):
+    """Every malicious checkpoint above was refused before its payload could run."""
+    assert outcomes and not marker.exists()
