@@ -28,7 +28,8 @@ CHUNK = 32  # images per forward pass of the calibration batch: the result does 
 
 
 def output_bias(block):
-    """The bias parameter [C_out] added last in ``block``, one of ``UNet.blocks()``.
+    """The bias parameter [C_out] added last in ``block``, one of ``UNet.blocks()``, or None for a
+    block without one (a pooling DownSample / UpSample).
 
     Time embedding: its last linear; head: the conv itself; ResBlock: block2's last conv (the
     shortcut, linear, is added after it), or the attention's projection where there is one;
@@ -39,7 +40,7 @@ def output_bias(block):
     if isinstance(block, ResBlock):
         return block.block2[-1].bias if isinstance(block.attn, nn.Identity) else block.attn.proj.bias
     if isinstance(block, (DownSample, UpSample)):
-        return block.main.bias
+        return None if block.pool else block.main.bias
     if isinstance(block, nn.Conv2d):
         return block.bias
     if isinstance(block, nn.Sequential) and isinstance(block[-1], nn.Conv2d):

@@ -295,7 +295,7 @@ class Tuner:
                              self.cfg.lr, 0.0, sample_before, sample_before)
         if trainable_parameters(pair.snn_block) and (self.cfg.bias_correction or self.cfg.ft_steps > 0) and \
                 block_mismatch(self.snn, self.ann, pair, *self.probe, loss=loss_start) >= MATCHED:
-            if self.cfg.bias_correction:
+            if self.cfg.bias_correction and calibrate.output_bias(pair.snn_block) is not None:
                 current = self.correct_bias(pair, current, record)
             if self.cfg.ft_steps > 0:
                 current = self.gradient_steps(pair, batches, current, record)
