@@ -302,7 +302,8 @@ def runs(roots, inception_home, tmp_path_factory):
     fashion = [f"--data_dir={dirs['fashion_mnist']}", "--num_workers=0", "--kernels=reference"]
     second["finetune"] = ["SNN_ft.py", "--flagfile=config/SNN_ft/FashionMNIST_snnft.txt", *fashion,
                           f"--logdir={logdirs['fashion_mnist']}", "--ft_steps=1", "--batch_size=2", "--val_size=2",
-                          "--sample_size=2", "--sample_steps=2"]
+                          "--sample_size=2", "--sample_steps=2", "--calib_size=8",
+                              "--judge_images=2", "--judge_steps=2"]
     second["stats"] = ["compute_fid_stats.py", "--dataset=fashion_mnist", f"--data_dir={dirs['fashion_mnist']}",
                        "--num_images=8", "--batch_size=8", f"--out={logdirs['fashion_mnist'] / 'stats.npz'}"]
     side_by_side(second, env={"TORCH_HOME": inception_home})
