@@ -18,14 +18,15 @@ import torch
 from absl import flags
 from tensorboardX import SummaryWriter
 
-from common import checkpoint, configs, data, runtime
+from common import configs, runtime
+from model import checkpoint, data
 from common import flags as cflags
 from common.atomic import atomic_open, remove_stale_temporaries
-from common.ema import update_ema
+from model.ema import update_ema
 from common.errors import UserError, run
-from common.images import save_grid
+from model.images import save_grid
 from common.lock import folder_lock
-from common.models import build_sampler, build_unet, load_init
+from model.build import build_sampler, build_unet, load_init
 from common.progress import progress
 from quant import QuantReLU
 

@@ -18,9 +18,9 @@ from common import configs, runtime
 from common import flags as cflags
 from common.atomic import remove_stale_temporaries, write_json
 from common.errors import UserError, run
-from common.images import save_grid, side_by_side
+from model.images import save_grid, side_by_side
 from common.lock import folder_lock
-from common.models import build_sampler, build_unet
+from model.build import build_sampler, build_unet
 from common.progress import progress
 from snn import agreement
 from snn.io import load_training_ann, save_snn, to_snn

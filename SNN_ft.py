@@ -20,13 +20,14 @@ from absl import flags
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from common import checkpoint, configs, data, runtime
+from common import configs, runtime
+from model import checkpoint, data
 from common import flags as cflags
 from common.atomic import remove_stale_temporaries, write_json
 from common.errors import UserError, run
-from common.images import save_grid
+from model.images import save_grid
 from common.lock import folder_lock
-from common.models import build_sampler
+from model.build import build_sampler
 from common.progress import progress
 from snn import agreement, calibrate, finetune
 from snn.io import load_training_ann, save_snn, to_snn

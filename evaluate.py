@@ -22,13 +22,14 @@ import torch
 from absl import flags
 from PIL import Image
 
-from common import checkpoint, configs, runtime
+from common import configs, runtime
+from model import checkpoint
 from common import flags as cflags
 from common.atomic import remove_stale_temporaries, write_error
 from common.errors import UserError, run
-from common.images import save_grid
+from model.images import save_grid
 from common.lock import folder_lock
-from common.models import build_sampler
+from model.build import build_sampler
 from common.progress import progress
 from metrics import scores, shards
 from metrics.report import append_jsonl, psnr

@@ -8,7 +8,7 @@ error of a short sampling run from fixed noise (``SampleJudge``).
 """
 import torch
 
-from common import data
+from model import data
 from common.errors import UserError
 
 CHUNK = 32  # images per forward pass: fixed, so the number does not depend on a batch flag

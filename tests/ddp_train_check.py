@@ -18,7 +18,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 import ANN_train  # noqa: E402
-from common import checkpoint, data  # noqa: E402
+from model import checkpoint, data  # noqa: E402
 from common.errors import run  # noqa: E402
 
 _run = ANN_train.TrainLoop.run

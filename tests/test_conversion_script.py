@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from common.checkpoint import save_atomic
+from model.checkpoint import save_atomic
 from common.configs import SNNConfig
 from helpers import unet
 from snn import SpikingUNet

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 from common import configs
-from common.checkpoint import load_checkpoint
-from common.models import build_unet
+from model.checkpoint import load_checkpoint
+from model.build import build_unet
 from snn.io import load_model
 from tests.helpers import ROOT, TINY_TRAIN, run_script
 

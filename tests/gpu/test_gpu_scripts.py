@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.checkpoint import load_checkpoint
+from model.checkpoint import load_checkpoint
 from helpers import TINY_TRAIN, run_script
 from metrics import shards
 from snn import SpikingUNet

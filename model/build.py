@@ -1,5 +1,5 @@
 """Models, diffusions and samplers rebuilt from configs (library code: no flags here)."""
-from common import checkpoint
+from model import checkpoint
 from common.errors import UserError
 from diffusion import GaussianDiffusion, make_sampler
 from model import UNet
