@@ -26,7 +26,8 @@ from model.ema import update_ema
 from common.errors import UserError, run
 from model.images import save_grid
 from common.lock import folder_lock
-from model.build import build_sampler, build_unet, load_init
+from model.build import build_unet, load_init
+from schedulers import build_sampler
 from common.progress import progress
 from quant import QuantReLU
 

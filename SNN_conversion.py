@@ -20,7 +20,8 @@ from common.atomic import remove_stale_temporaries, write_json
 from common.errors import UserError, run
 from model.images import save_grid, side_by_side
 from common.lock import folder_lock
-from model.build import build_sampler, build_unet
+from model.build import build_unet
+from schedulers import build_sampler
 from common.progress import progress
 from snn import agreement
 from snn.io import load_training_ann, save_snn, to_snn

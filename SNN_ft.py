@@ -27,7 +27,7 @@ from common.atomic import remove_stale_temporaries, write_json
 from common.errors import UserError, run
 from model.images import save_grid
 from common.lock import folder_lock
-from model.build import build_sampler
+from schedulers import build_sampler
 from common.progress import progress
 from snn import agreement, calibrate, finetune
 from snn.io import load_training_ann, save_snn, to_snn

@@ -7,7 +7,7 @@ alike, as improved-diffusion's object does, and keeps pytorch-ddpm's names (``q_
 from an explicit ``torch.Generator``: the same generator state gives the same images for an ANN
 and its SNN without touching the global random state.
 
-Samplers (``make_sampler``) are small objects over a diffusion: ``AncestralSampler`` (the
+Samplers are small objects over a diffusion (``schedulers.make_sampler`` picks one): ``AncestralSampler`` (the
 seed's, ``T`` network calls) and ``DDIMSampler`` (``sample_steps`` calls). ``docs/diffusion.md``
 has the equations.
 """
@@ -239,14 +239,3 @@ class DDIMSampler(AncestralSampler):
                 x_t = x_t + sigma * randn(x_t.shape, x_t, generator)
             yield x_t
 
-
-def make_sampler(diffusion, cfg):
-    """The sampler of a ``common.configs.SamplerConfig`` over ``diffusion``: ``ddpm`` and ``ddim``
-    are ours, every other name a diffusers scheduler (``schedulers.SchedulerSampler``, imported
-    only then). Raises ValueError for a sampler or setting that cannot run."""
-    if cfg.sampler == "ddpm":
-        return AncestralSampler(diffusion, cfg.clip_denoised)
-    if cfg.sampler == "ddim":
-        return DDIMSampler(diffusion, cfg.sample_steps, cfg.eta, cfg.clip_denoised)
-    import schedulers
-    return schedulers.SchedulerSampler(diffusion, cfg.sampler, cfg.sample_steps, cfg.eta, cfg.clip_denoised)

@@ -29,7 +29,7 @@ from common.atomic import remove_stale_temporaries, write_error
 from common.errors import UserError, run
 from model.images import save_grid
 from common.lock import folder_lock
-from model.build import build_sampler
+from schedulers import build_sampler
 from common.progress import progress
 from metrics import scores, shards
 from metrics.report import append_jsonl, psnr

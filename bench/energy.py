@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from common import runtime  # noqa: E402
 from common.configs import SamplerConfig, SNNConfig  # noqa: E402
 from common.errors import UserError  # noqa: E402
-from model.build import build_sampler  # noqa: E402
+from schedulers import build_sampler  # noqa: E402
 from snn.io import load_model, to_snn  # noqa: E402
 from snn.stats import ROLES, SpikeMonitor, per_image  # noqa: E402
 

@@ -15,7 +15,8 @@ from dataclasses import replace
 import torch
 
 from common.configs import SamplerConfig, UNetConfig
-from diffusion import GaussianDiffusion, make_sampler
+from diffusion import GaussianDiffusion
+from schedulers import make_sampler
 from model import UNet
 from snn.convert import convert
 from snn.neuron import spike_train

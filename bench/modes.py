@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from bench.quality import Scorer  # noqa: E402
 from common.atomic import atomic_open, write_json  # noqa: E402
 from common.configs import SamplerConfig, SNNConfig  # noqa: E402
-from model.build import build_sampler  # noqa: E402
+from schedulers import build_sampler  # noqa: E402
 from snn import agreement  # noqa: E402
 from snn.io import load_model, load_training_ann, to_snn  # noqa: E402
 from snn.stats import SpikeMonitor  # noqa: E402

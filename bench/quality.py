@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from common import runtime
-from model.build import build_sampler
+from schedulers import build_sampler
 from metrics import scores, shards
 
 

@@ -32,7 +32,8 @@ import torch  # noqa: E402
 from bench.measure import CIFAR10, sync  # noqa: E402
 from common.atomic import write_json  # noqa: E402
 from common.configs import SamplerConfig  # noqa: E402
-from diffusion import GaussianDiffusion, make_sampler  # noqa: E402
+from diffusion import GaussianDiffusion
+from schedulers import make_sampler  # noqa: E402
 from model import UNet  # noqa: E402
 from snn.convert import convert  # noqa: E402
 from snn.stats import SpikeMonitor  # noqa: E402

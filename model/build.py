@@ -1,23 +1,12 @@
-"""Models, diffusions and samplers rebuilt from configs (library code: no flags here)."""
-from model import checkpoint
+"""Models rebuilt from configs (library code: no flags here); their samplers: ``schedulers.build_sampler``."""
 from common.errors import UserError
-from diffusion import GaussianDiffusion, make_sampler
-from model import UNet
+from model import UNet, checkpoint
 
 
 def build_unet(cfg, kernels="reference"):
     """The (quantized) ``UNet`` of a ``ModelConfig``; an impossible architecture is a ``UserError``."""
     try:
         return UNet(cfg.unet, cfg.diffusion.T, kernels)
-    except ValueError as err:
-        raise UserError(str(err)) from None
-
-
-def build_sampler(cfg, sampler_cfg, device="cpu"):
-    """(diffusion, sampler) for a ``ModelConfig`` and a ``SamplerConfig``, the diffusion on ``device``."""
-    diffusion = GaussianDiffusion.from_config(cfg.diffusion).to(device)
-    try:
-        return diffusion, make_sampler(diffusion, sampler_cfg)
     except ValueError as err:
         raise UserError(str(err)) from None
 

@@ -235,7 +235,7 @@ def test_training_for_longer_scores_better(trained, tmp_path):
     import shutil
     import sys
     from common.configs import SamplerConfig
-    from model.build import build_sampler
+    from schedulers import build_sampler
     from helpers import run_script
     from metrics.shards import to_uint8
     from snn.io import load_model
