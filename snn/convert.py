@@ -5,7 +5,8 @@ from model import UNet
 from model.unet import AnalogInput
 from quant import FULL_PRECISION, QuantReLU
 from snn.latency import latency_steps
-from snn.neuron import STREAMING, IFNeuron, fold, time_mean
+from snn.neuron import IFNeuron
+from snn.steps import STREAMING, fold, time_mean
 from snn.norm import check_norm, swap_group_norms
 
 
@@ -62,7 +63,7 @@ class SpikingUNet(UNet):
     encoding), every stateless layer runs on the folded ``[T*B, ...]`` tensors, and the output is
     the mean over T. Parameter names are those of the ANN.
 
-    ``neuron``: the IF neuron kind (``snn.neuron.NEURON_KINDS``). ``norm``: ``step`` normalises
+    ``neuron``: the IF neuron kind (``snn.steps.NEURON_KINDS``). ``norm``: ``step`` normalises
     every time step on its own (``nn.GroupNorm``), ``compensated`` makes GroupNorm exact over the
     T steps (``snn.norm``); with ``graded`` or ``two_phase`` neurons too, the output is the ANN's.
     With ``two_phase`` neurons every weight layer that reads the analog stream reads it held

@@ -31,7 +31,8 @@ from torch.func import functional_call
 
 from snn import calibrate
 from snn.capture import block_inputs, block_output
-from snn.neuron import IFNeuron, time_mean, unfold
+from snn.neuron import IFNeuron
+from snn.steps import time_mean, unfold
 
 
 def decode_input(value, T):

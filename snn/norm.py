@@ -13,7 +13,7 @@ so o_1 + ... + o_T = T * GN(mean_t x_t) (the sum telescopes) while step t uses s
 import torch
 import torch.nn as nn
 
-from snn.neuron import fold, unfold
+from snn.steps import fold, unfold
 
 NORM_KINDS = ("step", "compensated")
 

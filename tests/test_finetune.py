@@ -18,7 +18,7 @@ from diffusion import DDIMSampler
 from snn import agreement, calibrate
 from snn import finetune as ft
 from snn.convert import convert
-from snn.neuron import time_mean
+from snn.steps import time_mean
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T_DIFF = 100

@@ -18,7 +18,8 @@ from quant import QuantReLU, quantize_activation
 from quant.activation import quantize_signed
 from snn import IFNeuron, SpikingUNet, convert, fold, swap_activations, time_mean, unfold
 from snn.convert import Hold
-from snn.neuron import SIGNED_LEVELS, if_spikes, spike_train
+from snn.neuron import spike_train
+from snn.steps import SIGNED_LEVELS, if_spikes
 from snn.stats import SpikeMonitor
 from snn.norm import CompensatedGroupNorm, swap_group_norms
 
@@ -91,7 +92,7 @@ def tolerance_cases(theta, dtype):
 def test_signed_neuron_tolerance_is_absolute(theta, dtype):
     """The reference codes' signed neuron: a membrane of -5e-4 gives no negative spike, -2e-3 and
     -1e-3 give one, for a threshold of 0.01 as for 10 (an absolute tolerance)."""
-    from snn.neuron import SIGNED_TOLERANCE
+    from snn.steps import SIGNED_TOLERANCE
     assert SIGNED_TOLERANCE == 1e-3
     x, expected = tolerance_cases(theta, dtype)
     assert torch.equal(if_spikes(x, theta, "signed"), expected)
