@@ -1,6 +1,6 @@
 """Where the energy of a model goes: a table and a stacked-bar plot, split by layer role.
 
-    python bench/energy.py CKPT [CKPT ...] [--neuron=two_phase --norm=compensated] [--out docs/images/energy.png]
+    python -m bench.energy CKPT [CKPT ...] [--neuron=two_phase --norm=compensated] [--out docs/images/energy.png]
 
 Each CKPT is an ANN ``ckpt.pt`` or an SNN checkpoint (``converted_snn*.pt``, a fine-tuned SNN).
 With ``--neuron`` (and ``--norm``) every ANN is also converted on the fly into an SNN of that
@@ -22,17 +22,15 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
+import torch
 
-from common import runtime  # noqa: E402
-from common.configs import SamplerConfig, SNNConfig  # noqa: E402
-from common.errors import UserError  # noqa: E402
-from schedulers import build_sampler  # noqa: E402
-from snn.io import load_model, to_snn  # noqa: E402
-from snn.stats import ROLES, SpikeMonitor, per_image  # noqa: E402
+from common import runtime
+from common.configs import SamplerConfig, SNNConfig
+from common.errors import UserError
+from schedulers import build_sampler
+from snn.io import load_model, to_snn
+from snn.stats import ROLES, SpikeMonitor, per_image
 
 LABELS = {"spike_conv": "convs on spikes (ANN: on activations)", "spike_linear": "linears on spikes / activations",
           "head": "head (analog)",
