@@ -11,6 +11,17 @@ def build_unet(cfg, kernels="reference"):
         raise UserError(str(err)) from None
 
 
+def replace_modules(root, predicate, make):
+    """Replace every submodule ``m`` of ``root`` (not ``root`` itself) for which ``predicate(m)``
+    holds with ``make(m)``, in place, under the same name; the modules are chosen before any is
+    replaced, so a replacement is never visited. Returns ``root``."""
+    targets = [(name, m) for name, m in root.named_modules() if name and predicate(m)]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        setattr(root.get_submodule(parent_name) if parent_name else root, child, make(module))
+    return root
+
+
 def load_init(model, path):
     """Load ``path``'s EMA weights into ``model`` for progressive quantization.
 

@@ -26,7 +26,7 @@ def spike_train(x, theta, kind="if", kernels="reference"):
 
 
 class IFNeuron(nn.Module):
-    """IF neuron layer with threshold ``act_alpha`` simulating ``T`` steps per call.
+    """IF neuron layer with threshold ``act_alpha`` simulating ``time_steps`` steps per call.
 
     forward(x [T*B, ...]) -> [T*B, ...] = alpha * s, s as ``if_spikes`` gives it for ``kind``.
     The parameter name matches ``QuantReLU``'s, so a quantized ANN's state dict loads as is, and
@@ -35,9 +35,9 @@ class IFNeuron(nn.Module):
     signed activation (levels -L..L), a ``two_phase`` neuron only (ValueError otherwise).
     """
 
-    def __init__(self, T, alpha=1.0, kind="if", kernels="reference", signed=False):
+    def __init__(self, time_steps, alpha=1.0, kind="if", kernels="reference", signed=False):
         super().__init__()
-        self.T = int(T)
+        self.time_steps = int(time_steps)
         self.kind = check_kind(kind)
         if signed and kind != "two_phase":
             raise ValueError(f"a signed activation (levels -L..L) converts into two_phase neurons only, not {kind!r}")
@@ -47,8 +47,8 @@ class IFNeuron(nn.Module):
 
     def forward(self, x):
         kind = SIGNED_LEVELS if self.signed else self.kind
-        spikes = spike_train(unfold(x, self.T), self.act_alpha.detach(), kind, self.kernels)
+        spikes = spike_train(unfold(x, self.time_steps), self.act_alpha.detach(), kind, self.kernels)
         return fold(spikes) * self.act_alpha
 
     def extra_repr(self):
-        return f"T={self.T}, kind={self.kind}, kernels={self.kernels}" + (", signed" if self.signed else "")
+        return f"time_steps={self.time_steps}, kind={self.kind}, kernels={self.kernels}" + (", signed" if self.signed else "")

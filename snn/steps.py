@@ -37,15 +37,15 @@ def fold(x):
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def unfold(x, T):
-    """[T*B, ...] -> [T, B, ...]."""
-    assert x.shape[0] % T == 0, f"a folded batch of {x.shape[0]} is not a multiple of T={T}"
-    return x.reshape(T, x.shape[0] // T, *x.shape[1:])
+def unfold(x, time_steps):
+    """[T*B, ...] -> [T, B, ...] for T = ``time_steps``."""
+    assert x.shape[0] % time_steps == 0, f"a folded batch of {x.shape[0]} is not a multiple of {time_steps} time steps"
+    return x.reshape(time_steps, x.shape[0] // time_steps, *x.shape[1:])
 
 
-def time_mean(x, T):
-    """Rate decoding: [T*B, ...] -> [B, ...]."""
-    return unfold(x, T).mean(0)
+def time_mean(x, time_steps):
+    """Rate decoding: [T*B, ...] -> [B, ...] for T = ``time_steps``."""
+    return unfold(x, time_steps).mean(0)
 
 
 NEURON_KINDS = ("if", "signed", "graded", "two_phase")

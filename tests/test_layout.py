@@ -74,7 +74,7 @@ def imports_of(module, path, modules):
     """The project modules that ``module`` (file ``path``) imports anywhere in its code."""
     tree = ast.parse(open(path, encoding="utf-8").read(), path)
     package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
-    # tests/ modules import each other by their bare names (pytest puts their folder on sys.path)
+    # tests/ modules import each other by their bare names (pytest puts their folder on the import path)
     search = [""] + ([package, "tests"] if module.startswith("tests") else [])
     found = set()
     for node in ast.walk(tree):

@@ -249,7 +249,7 @@ def test_swap_group_norms_keeps_names_and_values():
     state = copy.deepcopy(model.state_dict())
     swap_group_norms(model, 3)
     norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
-    assert len(norms) == 2 and all(isinstance(m, CompensatedGroupNorm) and m.T == 3 for m in norms)
+    assert len(norms) == 2 and all(isinstance(m, CompensatedGroupNorm) and m.time_steps == 3 for m in norms)
     assert (norms[1].num_groups, norms[1].eps) == (4, 1e-3)
     assert list(model.state_dict()) == list(state)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
@@ -386,7 +386,7 @@ class LoopNeuron(nn.Module):
 
     def __init__(self, neuron):
         super().__init__()
-        self.T, self.kind, self.theta = neuron.T, neuron.kind, neuron.act_alpha.detach().clone()
+        self.T, self.kind, self.theta = neuron.time_steps, neuron.kind, neuron.act_alpha.detach().clone()
 
     def forward(self, x):
         return fold(loop_spikes(unfold(x, self.T), self.theta, self.kind)) * self.theta
