@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.runtime import derived_seed, generator
+
 MEAN_TYPES = ("xprev", "xstart", "epsilon")
 VAR_TYPES = ("fixedlarge", "fixedsmall")
 
@@ -28,6 +30,18 @@ def extract(v, t, x_shape):
 def randn(shape, like, generator):
     """Standard normal noise of ``shape`` on ``like``'s device and dtype, drawn from ``generator``."""
     return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def sample_noise(count, image_shape, seed, device="cpu"):
+    """The fixed noise of sample grids and probes: ``(x_T, sampler generator)`` for ``seed``.
+
+    x_T [count, *image_shape] is drawn on the CPU from a generator seeded with ``seed`` (the same
+    numbers on every device), then moved to ``device``; the sampler's own noise (ancestral steps,
+    DDIM with eta > 0) comes from the returned generator on ``device``, seeded with
+    ``derived_seed(seed, 1)``. The same seed gives the same images for an ANN and its SNN.
+    """
+    x_T = torch.randn(count, *image_shape, generator=generator(seed))
+    return x_T.to(device), generator(derived_seed(seed, 1), device)
 
 
 class GaussianDiffusion(nn.Module):

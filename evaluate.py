@@ -29,6 +29,7 @@ from common.atomic import remove_stale_temporaries, write_error
 from common.errors import UserError, run
 from model.images import save_grid
 from common.lock import folder_lock
+from diffusion import sample_noise
 from schedulers import build_sampler
 from common.progress import progress
 from metrics import scores, shards
@@ -130,8 +131,7 @@ class Evaluation:
     def probe_noise(self):
         """(x_T [--probe_images, C, H, W], sampler generator) of the probe run, apart from the shards'."""
         shape = self.loaded.config.image_shape
-        x_T = torch.randn(FLAGS.probe_images, *shape, generator=runtime.generator(FLAGS.seed + 1))
-        return x_T.to(self.rt.device), runtime.generator(runtime.derived_seed(FLAGS.seed, 2), self.rt.device)
+        return sample_noise(FLAGS.probe_images, shape, FLAGS.seed + 1, self.rt.device)
 
     def metered_sample(self):
         """The probe run: ``--probe_images`` images sampled with the spike monitor on.

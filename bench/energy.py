@@ -25,9 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 
-from common import runtime
 from common.configs import SamplerConfig, SNNConfig
 from common.errors import UserError
+from diffusion import sample_noise
 from schedulers import build_sampler
 from snn.io import load_model, to_snn
 from snn.stats import ROLES, SpikeMonitor, per_image
@@ -69,11 +69,10 @@ def measure(model, cfg, args, device):
     """``per_image`` of ``model`` on the probe run: DDIM, the probe's noise (as evaluate.py draws it)."""
     sampler = build_sampler(cfg, SamplerConfig("ddim", args.sample_steps, args.eta), device)[1]
     size = cfg.data.img_size
-    x_T = torch.randn(args.probe_images, model.head.in_channels, size, size,
-                      generator=runtime.generator(args.seed + 1)).to(device)
+    x_T, generator = sample_noise(args.probe_images, (model.head.in_channels, size, size), args.seed + 1, device)
     monitor = SpikeMonitor(model)
     with monitor:
-        sampler(model, x_T, runtime.generator(runtime.derived_seed(args.seed, 2), device))
+        sampler(model, x_T, generator)
     summary = monitor.summary()
     return {**per_image(summary, sampler.network_calls), "firing_rate": summary["firing_rate"]}
 
