@@ -18,14 +18,17 @@ import torch
 from absl import flags
 from tensorboardX import SummaryWriter
 
-from common import checkpoint, configs, data, runtime
+from common import configs, runtime
+from model import checkpoint, data
 from common import flags as cflags
 from common.atomic import atomic_open, remove_stale_temporaries
-from common.ema import update_ema
+from model.ema import update_ema
 from common.errors import UserError, run
-from common.images import save_grid
+from model.images import save_grid
 from common.lock import folder_lock
-from common.models import build_sampler, build_unet, load_init
+from model.build import build_unet, load_init
+from diffusion import sample_noise
+from schedulers import build_sampler
 from common.progress import progress
 from quant import QuantReLU
 
@@ -95,7 +98,7 @@ class TrainLoop:
                 print(f"--init {FLAGS.init}: {len(initialised)} quantizer thresholds start at their initial value")
         optim = torch.optim.Adam(net_model.parameters(), lr=cfg.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda=warmup_lr(cfg.warmup))
-        x_T = torch.randn(FLAGS.sample_size, *model_cfg.image_shape, generator=runtime.generator(cfg.seed))
+        x_T, _ = sample_noise(FLAGS.sample_size, model_cfg.image_shape, cfg.seed)
         sampler_cfg = cflags.sampler_config(model_cfg.diffusion.T)
         build_sampler(model_cfg, sampler_cfg)  # a sampler the model cannot use fails here, before training
         return cls(cfg, model_cfg, rt, logdir, net_model, copy.deepcopy(net_model), optim, sched, x_T, sampler_cfg)
@@ -172,7 +175,7 @@ class TrainLoop:
         self.ema_model.eval()
         model = runtime.data_parallel(self.ema_model, FLAGS.parallel and not self.rt.distributed)
         _, sampler = build_sampler(self.model_cfg, self.sampler_cfg, self.rt.device)
-        generator = runtime.generator(runtime.derived_seed(self.cfg.seed, 1), self.rt.device)
+        _, generator = sample_noise(len(self.x_T), self.model_cfg.image_shape, self.cfg.seed, self.rt.device)
         save_grid(sampler(model, self.x_T.to(self.rt.device), generator), path)
 
     def run(self, dataset):

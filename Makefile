@@ -60,11 +60,11 @@ demo-energy: $(VENV)/.installed
 	$(DEMO_EVAL) --logdir=$(SD_LOGDIR) --eval_model_path=$(SD_LOGDIR)/ckpt.pt
 	$(PYTHON) evaluate.py --flagfile config/SNN_evaluate/demo_spike_driven.txt
 	$(PYTHON) -m metrics.results --logdir=$(SD_LOGDIR)
-	$(PYTHON) bench/energy.py $(DEMO_LOGDIR)/ckpt.pt $(SD_LOGDIR)/ckpt.pt --neuron=two_phase --norm=compensated \
+	$(PYTHON) -m bench.energy $(DEMO_LOGDIR)/ckpt.pt $(SD_LOGDIR)/ckpt.pt --neuron=two_phase --norm=compensated \
 		--labels "pytorch-ddpm UNet" "spike-driven UNet" --out $(SD_LOGDIR)/energy.png
 
 bench: $(VENV)/.installed
-	$(PYTHON) bench/run.py
+	$(PYTHON) -m bench.run
 
 clean-demo:
 	rm -rf $(DEMO_LOGDIR) $(SD_LOGDIR)

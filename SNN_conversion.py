@@ -18,9 +18,11 @@ from common import configs, runtime
 from common import flags as cflags
 from common.atomic import remove_stale_temporaries, write_json
 from common.errors import UserError, run
-from common.images import save_grid, side_by_side
+from model.images import save_grid, side_by_side
 from common.lock import folder_lock
-from common.models import build_sampler, build_unet
+from model.build import build_unet
+from diffusion import sample_noise
+from schedulers import build_sampler
 from common.progress import progress
 from snn import agreement
 from snn.io import load_training_ann, save_snn, to_snn
@@ -43,10 +45,9 @@ FLAGS = flags.FLAGS
 def sample_pair(ann, snn, cfg, sampler_cfg, device):
     """ANN and SNN samples [N, C, H, W] from the same x_T and the same sampler noise."""
     _, sampler = build_sampler(cfg, sampler_cfg, device)
-    x_T = torch.randn(FLAGS.sample_size, *cfg.image_shape, generator=runtime.generator(FLAGS.seed)).to(device)
     images = []
     for model in (ann, snn):
-        generator = runtime.generator(runtime.derived_seed(FLAGS.seed, 2), device)
+        x_T, generator = sample_noise(FLAGS.sample_size, cfg.image_shape, FLAGS.seed, device)
         x = x_T
         for x in progress(sampler.steps(model, x_T, generator), total=sampler.network_calls, desc="sample",
                           leave=False):

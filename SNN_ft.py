@@ -20,13 +20,15 @@ from absl import flags
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from common import checkpoint, configs, data, runtime
+from common import configs, runtime
+from model import checkpoint, data
 from common import flags as cflags
 from common.atomic import remove_stale_temporaries, write_json
 from common.errors import UserError, run
-from common.images import save_grid
+from model.images import save_grid
 from common.lock import folder_lock
-from common.models import build_sampler
+from diffusion import sample_noise
+from schedulers import build_sampler
 from common.progress import progress
 from snn import agreement, calibrate, finetune
 from snn.io import load_training_ann, save_snn, to_snn
@@ -129,12 +131,11 @@ class FinetuneRun:
         """A grid from fixed noise and a fixed sampler seed, so the grids of all blocks compare."""
         if FLAGS.sample_size <= 0:
             return
-        x_T = torch.randn(FLAGS.sample_size, *self.cfg.image_shape, generator=runtime.generator(self.ft_cfg.seed))
+        x_T, generator = sample_noise(FLAGS.sample_size, self.cfg.image_shape, self.ft_cfg.seed, self.rt.device)
         _, sampler = build_sampler(self.cfg, cflags.sampler_config(self.cfg.diffusion.T), self.rt.device)
         model = runtime.data_parallel(model, FLAGS.parallel and not self.rt.distributed)
-        generator = runtime.generator(runtime.derived_seed(self.ft_cfg.seed, 2), self.rt.device)
         with torch.no_grad():
-            images = sampler(model, x_T.to(self.rt.device), generator)
+            images = sampler(model, x_T, generator)
         save_grid(images, os.path.join(self.out_dir, "ft_blocks_samples", name + ".png"))
 
     def summary(self, finished):
@@ -264,9 +265,9 @@ def make_sample_error(ft_run):
                                rt.device)
     judge = None
     if rt.is_main:  # rank 0 judges; shared_error hands its number to every rank
-        x_T = torch.randn(ft_cfg.judge_images, *ft_run.cfg.image_shape,
-                          generator=runtime.generator(runtime.derived_seed(ft_cfg.seed, 3)))
-        judge = agreement.SampleJudge(sampler, x_T.to(rt.device), runtime.derived_seed(ft_cfg.seed, 4), ft_run.ann)
+        x_T, generator = sample_noise(ft_cfg.judge_images, ft_run.cfg.image_shape,
+                                      runtime.derived_seed(ft_cfg.seed, 3), rt.device)
+        judge = agreement.SampleJudge(sampler, x_T, generator, ft_run.ann)
     model = runtime.data_parallel(ft_run.snn, FLAGS.parallel and not rt.distributed)
     return lambda: shared_error(rt, lambda: judge(model))
 

@@ -12,7 +12,8 @@ name (``features``), and is written atomically; its path is checked before any f
 """
 from absl import flags
 
-from common import configs, data, runtime
+from common import configs, runtime
+from model import data
 from common import flags as cflags
 from common.errors import UserError, run
 from common.progress import progress

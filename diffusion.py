@@ -7,13 +7,15 @@ alike, as improved-diffusion's object does, and keeps pytorch-ddpm's names (``q_
 from an explicit ``torch.Generator``: the same generator state gives the same images for an ANN
 and its SNN without touching the global random state.
 
-Samplers (``make_sampler``) are small objects over a diffusion: ``AncestralSampler`` (the
+Samplers are small objects over a diffusion (``schedulers.make_sampler`` picks one): ``AncestralSampler`` (the
 seed's, ``T`` network calls) and ``DDIMSampler`` (``sample_steps`` calls). ``docs/diffusion.md``
 has the equations.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common.runtime import derived_seed, generator
 
 MEAN_TYPES = ("xprev", "xstart", "epsilon")
 VAR_TYPES = ("fixedlarge", "fixedsmall")
@@ -28,6 +30,18 @@ def extract(v, t, x_shape):
 def randn(shape, like, generator):
     """Standard normal noise of ``shape`` on ``like``'s device and dtype, drawn from ``generator``."""
     return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def sample_noise(count, image_shape, seed, device="cpu"):
+    """The fixed noise of sample grids and probes: ``(x_T, sampler generator)`` for ``seed``.
+
+    x_T [count, *image_shape] is drawn on the CPU from a generator seeded with ``seed`` (the same
+    numbers on every device), then moved to ``device``; the sampler's own noise (ancestral steps,
+    DDIM with eta > 0) comes from the returned generator on ``device``, seeded with
+    ``derived_seed(seed, 1)``. The same seed gives the same images for an ANN and its SNN.
+    """
+    x_T = torch.randn(count, *image_shape, generator=generator(seed))
+    return x_T.to(device), generator(derived_seed(seed, 1), device)
 
 
 class GaussianDiffusion(nn.Module):
@@ -239,14 +253,3 @@ class DDIMSampler(AncestralSampler):
                 x_t = x_t + sigma * randn(x_t.shape, x_t, generator)
             yield x_t
 
-
-def make_sampler(diffusion, cfg):
-    """The sampler of a ``common.configs.SamplerConfig`` over ``diffusion``: ``ddpm`` and ``ddim``
-    are ours, every other name a diffusers scheduler (``schedulers.SchedulerSampler``, imported
-    only then). Raises ValueError for a sampler or setting that cannot run."""
-    if cfg.sampler == "ddpm":
-        return AncestralSampler(diffusion, cfg.clip_denoised)
-    if cfg.sampler == "ddim":
-        return DDIMSampler(diffusion, cfg.sample_steps, cfg.eta, cfg.clip_denoised)
-    import schedulers
-    return schedulers.SchedulerSampler(diffusion, cfg.sampler, cfg.sample_steps, cfg.eta, cfg.clip_denoised)

@@ -22,13 +22,15 @@ import torch
 from absl import flags
 from PIL import Image
 
-from common import checkpoint, configs, runtime
+from common import configs, runtime
+from model import checkpoint
 from common import flags as cflags
 from common.atomic import remove_stale_temporaries, write_error
 from common.errors import UserError, run
-from common.images import save_grid
+from model.images import save_grid
 from common.lock import folder_lock
-from common.models import build_sampler
+from diffusion import sample_noise
+from schedulers import build_sampler
 from common.progress import progress
 from metrics import scores, shards
 from metrics.report import append_jsonl, psnr
@@ -129,8 +131,7 @@ class Evaluation:
     def probe_noise(self):
         """(x_T [--probe_images, C, H, W], sampler generator) of the probe run, apart from the shards'."""
         shape = self.loaded.config.image_shape
-        x_T = torch.randn(FLAGS.probe_images, *shape, generator=runtime.generator(FLAGS.seed + 1))
-        return x_T.to(self.rt.device), runtime.generator(runtime.derived_seed(FLAGS.seed, 2), self.rt.device)
+        return sample_noise(FLAGS.probe_images, shape, FLAGS.seed + 1, self.rt.device)
 
     def metered_sample(self):
         """The probe run: ``--probe_images`` images sampled with the spike monitor on.

@@ -51,7 +51,8 @@ import inspect
 
 import torch
 
-from diffusion import final_image
+from common.errors import UserError
+from diffusion import AncestralSampler, DDIMSampler, GaussianDiffusion, final_image
 
 PREFIX = "diffusers:"
 NAMED = {
@@ -211,3 +212,23 @@ class SchedulerSampler:
     def __call__(self, model, x_T, generator=None):
         """x_0 [B, C, H, W] in [-1, 1] from x_T: the last step's output, clipped."""
         return final_image(self.steps(model, x_T, generator))
+
+
+def make_sampler(diffusion, cfg):
+    """The sampler of a ``common.configs.SamplerConfig`` over ``diffusion``: ``ddpm`` and ``ddim``
+    are diffusion.py's, every other name a diffusers scheduler (``SchedulerSampler``; diffusers is
+    imported only then). Raises ValueError for a sampler or setting that cannot run."""
+    if cfg.sampler == "ddpm":
+        return AncestralSampler(diffusion, cfg.clip_denoised)
+    if cfg.sampler == "ddim":
+        return DDIMSampler(diffusion, cfg.sample_steps, cfg.eta, cfg.clip_denoised)
+    return SchedulerSampler(diffusion, cfg.sampler, cfg.sample_steps, cfg.eta, cfg.clip_denoised)
+
+
+def build_sampler(cfg, sampler_cfg, device="cpu"):
+    """(diffusion, sampler) for a ``ModelConfig`` and a ``SamplerConfig``, the diffusion on ``device``."""
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion).to(device)
+    try:
+        return diffusion, make_sampler(diffusion, sampler_cfg)
+    except ValueError as err:
+        raise UserError(str(err)) from None

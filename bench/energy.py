@@ -1,6 +1,6 @@
 """Where the energy of a model goes: a table and a stacked-bar plot, split by layer role.
 
-    python bench/energy.py CKPT [CKPT ...] [--neuron=two_phase --norm=compensated] [--out docs/images/energy.png]
+    python -m bench.energy CKPT [CKPT ...] [--neuron=two_phase --norm=compensated] [--out docs/images/energy.png]
 
 Each CKPT is an ANN ``ckpt.pt`` or an SNN checkpoint (``converted_snn*.pt``, a fine-tuned SNN).
 With ``--neuron`` (and ``--norm``) every ANN is also converted on the fly into an SNN of that
@@ -22,17 +22,15 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
+import torch
 
-from common import runtime  # noqa: E402
-from common.configs import SamplerConfig, SNNConfig  # noqa: E402
-from common.errors import UserError  # noqa: E402
-from common.models import build_sampler  # noqa: E402
-from snn.io import load_model, to_snn  # noqa: E402
-from snn.stats import ROLES, SpikeMonitor, per_image  # noqa: E402
+from common.configs import SamplerConfig, SNNConfig
+from common.errors import UserError
+from diffusion import sample_noise
+from schedulers import build_sampler
+from snn.io import load_model, to_snn
+from snn.stats import ROLES, SpikeMonitor, per_image
 
 LABELS = {"spike_conv": "convs on spikes (ANN: on activations)", "spike_linear": "linears on spikes / activations",
           "head": "head (analog)",
@@ -71,11 +69,10 @@ def measure(model, cfg, args, device):
     """``per_image`` of ``model`` on the probe run: DDIM, the probe's noise (as evaluate.py draws it)."""
     sampler = build_sampler(cfg, SamplerConfig("ddim", args.sample_steps, args.eta), device)[1]
     size = cfg.data.img_size
-    x_T = torch.randn(args.probe_images, model.head.in_channels, size, size,
-                      generator=runtime.generator(args.seed + 1)).to(device)
+    x_T, generator = sample_noise(args.probe_images, (model.head.in_channels, size, size), args.seed + 1, device)
     monitor = SpikeMonitor(model)
     with monitor:
-        sampler(model, x_T, runtime.generator(runtime.derived_seed(args.seed, 2), device))
+        sampler(model, x_T, generator)
     summary = monitor.summary()
     return {**per_image(summary, sampler.network_calls), "firing_rate": summary["firing_rate"]}
 

@@ -1,6 +1,6 @@
 """What stage 3 does to the seed's two modes: the fine-tuning table of README.
 
-    python bench/finetune.py --logdir=logs/demo [--val_size=256] [--num_images=256]
+    python -m bench.finetune --logdir=logs/demo [--val_size=256] [--num_images=256]
 
 For the seed's binary IF neurons and for its signed neurons, both with GroupNorm per time step,
 against the quantized ANN of ``<logdir>/ckpt.pt``, four SNNs: the converted one; bias-corrected
@@ -20,15 +20,13 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
+import torch
 
-from bench.modes import Bench  # noqa: E402
-from common.atomic import atomic_open, write_json  # noqa: E402
-from common.configs import SNNConfig  # noqa: E402
-from snn.io import load_model, to_snn  # noqa: E402
+from bench.modes import Bench
+from common.atomic import atomic_open, write_json
+from common.configs import SNNConfig
+from snn.io import load_model, to_snn
 
 MODES = [("if", "step"), ("signed", "step")]
 # stage 3 variants: (label, tag suffix, SNN_ft.py flags over the demo flagfile)

@@ -14,8 +14,9 @@ from dataclasses import replace
 
 import torch
 
-from common.configs import SamplerConfig, UNetConfig
-from diffusion import GaussianDiffusion, make_sampler
+from common.configs import SamplerConfig, UNetConfig, time_steps
+from diffusion import GaussianDiffusion
+from schedulers import make_sampler
 from model import UNet
 from snn.convert import convert
 from snn.neuron import spike_train
@@ -93,7 +94,7 @@ def snn_over_ann(name, cfg, batch, device, repeats):
 
 
 @torch.no_grad()
-def if_over_copy(device, repeats, batch=8, T=2 ** BIT - 1):
+def if_over_copy(device, repeats, batch=8, T=time_steps(BIT)):
     """(b) IF neuron over x [T, B, 32, 32, 32] / x.clone(), reference loop and fused kernel, each kind."""
     x = torch.randn(T, batch, 32, 32, 32, device=device) * 0.5
     theta = torch.tensor(0.7, device=device)

@@ -1,6 +1,6 @@
 """Every conversion mode side by side on one trained model: the mode table of README and docs.
 
-    python bench/modes.py --logdir=logs/demo [--val_size=256] [--num_images=512] [--finetune]
+    python -m bench.modes --logdir=logs/demo [--val_size=256] [--num_images=512] [--finetune]
 
 For each neuron (if, signed, graded) x GroupNorm (step, compensated), against the quantized ANN
 of ``<logdir>/ckpt.pt``: the noise-prediction error on the held-out batch (``--val_size`` pairs,
@@ -17,18 +17,16 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
+import torch
 
-from bench.quality import Scorer  # noqa: E402
-from common.atomic import atomic_open, write_json  # noqa: E402
-from common.configs import SamplerConfig, SNNConfig  # noqa: E402
-from common.models import build_sampler  # noqa: E402
-from snn import agreement  # noqa: E402
-from snn.io import load_model, load_training_ann, to_snn  # noqa: E402
-from snn.stats import SpikeMonitor  # noqa: E402
+from bench.quality import Scorer
+from common.atomic import atomic_open, write_json
+from common.configs import SamplerConfig, SNNConfig
+from schedulers import build_sampler
+from snn import agreement
+from snn.io import load_model, load_training_ann, to_snn
+from snn.stats import SpikeMonitor
 
 MODES = [(neuron, norm) for neuron in ("if", "signed", "graded") for norm in ("step", "compensated")]
 

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from common import runtime
-from common.models import build_sampler
+from diffusion import sample_noise
+from schedulers import build_sampler
 from metrics import scores, shards
 
 
@@ -36,9 +37,8 @@ class Scorer:
         parts, start = [], time.perf_counter()
         for first in range(0, self.num_images, self.batch_size):
             n = min(self.batch_size, self.num_images - first)
-            x_T = torch.randn(n, *cfg.image_shape, generator=runtime.generator(runtime.derived_seed(seed, first)))
-            generator = runtime.generator(runtime.derived_seed(seed, first, 1), device)
-            parts.append(shards.to_uint8(sampler(model, x_T.to(device), generator)))
+            x_T, generator = sample_noise(n, cfg.image_shape, runtime.derived_seed(seed, first), device)
+            parts.append(shards.to_uint8(sampler(model, x_T, generator)))
         return np.concatenate(parts), (time.perf_counter() - start) / self.num_images
 
     def score(self, model, cfg, sampler_cfg, device="cpu", seed=0):

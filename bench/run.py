@@ -1,6 +1,6 @@
 """Speed ratios of the toolkit, each pair measured side by side in one run.
 
-    python bench/run.py [--quick] [--threads N] [--out bench/results.json]
+    python -m bench.run [--quick] [--threads N] [--out bench/results.json]
 
 Prints a table and writes the same figures to ``bench/results.json`` (atomically):
 
@@ -19,16 +19,13 @@ takes the median of each, so a machine that other work slows down slows both sid
 import argparse
 import os
 import platform
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
+import torch
 
-from bench import measure  # noqa: E402
-from common.atomic import write_json  # noqa: E402
+from bench import measure
+from common.atomic import write_json
 
 TARGETS = {"snn_over_T_ann_demo": 1.10, "snn_over_T_ann_cifar10": 1.10, "if_over_copy_fused": 2.0,
            "quant_over_fp_train": 1.15, "snn_over_T_ann_demo_exact_fused": 1.15, "snn_over_T_ann_cifar10_exact_fused": 1.15}

@@ -1,6 +1,6 @@
 """Sample quality against network calls: our samplers and diffusers' on one trained model.
 
-    python bench/samplers.py --logdir=logs/demo [--num_images=256]
+    python -m bench.samplers --logdir=logs/demo [--num_images=256]
 
 For the quantized ANN of ``<logdir>/ckpt.pt`` and its SNN in the seed's mode (binary IF neurons,
 GroupNorm per step) and in the exact mode (graded neurons, compensated GroupNorm): FID and
@@ -13,18 +13,15 @@ and ``.png`` (FID against network calls, one line per model and sampler family).
 import argparse
 import json
 import os
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
+import torch
 
-from bench.quality import Scorer  # noqa: E402
-from common.atomic import atomic_open, write_json  # noqa: E402
-from common.configs import SamplerConfig, SNNConfig  # noqa: E402
-from snn.io import load_training_ann, to_snn  # noqa: E402
+from bench.quality import Scorer
+from common.atomic import atomic_open, write_json
+from common.configs import SamplerConfig, SNNConfig
+from snn.io import load_training_ann, to_snn
 
 # (sampler, steps, eta): the ancestral sampler (T calls), DDIM deterministic and stochastic, two solvers
 SAMPLERS = ([("ddpm", 1000, 0.0)] + [("ddim", n, eta) for eta in (0.0, 1.0) for n in (10, 20, 50, 100)]

@@ -1,6 +1,6 @@
 """Evaluation throughput of the CIFAR-10 UNet SNN, and what a 50,000-image evaluation costs in FLOPs.
 
-    python bench/throughput.py [--batch_size 8] [--sampler ddim] [--sample_steps 20] [--repeats 1]
+    python -m bench.throughput [--batch_size 8] [--sampler ddim] [--sample_steps 20] [--repeats 1]
 
 Builds pytorch-ddpm's CIFAR-10 UNet (ch 128, ch_mult 1 2 2 2, two ResBlocks a level) with 2-bit
 activations and random weights (the time of a forward does not depend on the weights), converts it
@@ -19,23 +19,21 @@ a table and the formula with its numbers; writes ``docs/measured/throughput.json
 import argparse
 import os
 import platform
-import sys
 import time
 from dataclasses import replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
+import torch
 
-from bench.measure import CIFAR10, sync  # noqa: E402
-from common.atomic import write_json  # noqa: E402
-from common.configs import SamplerConfig  # noqa: E402
-from diffusion import GaussianDiffusion, make_sampler  # noqa: E402
-from model import UNet  # noqa: E402
-from snn.convert import convert  # noqa: E402
-from snn.stats import SpikeMonitor  # noqa: E402
+from bench.measure import CIFAR10, sync
+from common.atomic import write_json
+from common.configs import SamplerConfig
+from diffusion import GaussianDiffusion
+from schedulers import make_sampler
+from model import UNet
+from snn.convert import convert
+from snn.stats import SpikeMonitor
 
 MODES = {"SNN, seed's mode (if, step)": ("if", "step"), "SNN, exact mode (graded, compensated)": ("graded", "compensated")}
 EVAL_IMAGES = 50_000

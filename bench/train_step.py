@@ -1,6 +1,6 @@
 """Training-step time of UNet variants on the demo settings, timed alternately on one machine.
 
-    python bench/train_step.py [--variants seed spike_driven ...] [--repeats 10] [--threads 1]
+    python -m bench.train_step [--variants seed spike_driven ...] [--repeats 10] [--threads 1]
 
 Each variant is the demo UNet (config/train_ANN/demo.txt: ch 32, ch_mult 1 2 2, one ResBlock a
 level, 8 GroupNorm groups, 2-bit, 16x16, batch 32) with the ``UNetConfig`` fields of ``VARIANTS``;
@@ -10,19 +10,16 @@ slows down slows all alike; the table gives the median per variant and its ratio
 """
 import argparse
 import os
-import sys
 from dataclasses import replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
+import torch
 
-from bench.measure import interleaved_medians  # noqa: E402
-from common.configs import UNetConfig  # noqa: E402
-from diffusion import GaussianDiffusion  # noqa: E402
-from model import UNet  # noqa: E402
+from bench.measure import interleaved_medians
+from common.configs import UNetConfig
+from diffusion import GaussianDiffusion
+from model import UNet
 
 DEMO = UNetConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, dropout=0.0, num_groups=8, bit=2, alpha_init=2.0)
 VARIANTS = {

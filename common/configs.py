@@ -100,16 +100,17 @@ class ModelConfig:
                    from_dict(DataConfig, d["data"]))
 
 
+
+def time_steps(bit):
+    """2**bit - 1: the SNN's time steps for ``bit``-bit activations, the levels L of the b-bit
+    quantizer (never a flag)."""
+    return 2 ** bit - 1
+
 @dataclass(frozen=True)
 class SNNConfig:
     """How a quantized ANN becomes a spiking UNet; its time steps follow from ``bit``."""
     neuron: str = "graded"              # graded (integer spikes) / two_phase (binary) / if (the seed's) / signed (Fast-SNN)
     norm: str = "compensated"           # compensated: exact in total / step: GroupNorm per time step (the seed's)
-
-    @staticmethod
-    def time_steps(bit):
-        """T = 2**bit - 1: the SNN's time steps for ``bit``-bit activations (never a flag)."""
-        return 2 ** bit - 1
 
 
 @dataclass(frozen=True)

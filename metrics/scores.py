@@ -90,7 +90,7 @@ def reference_statistics(net, kind, dataset, img_size, path=None, log=print, img
                         f"{gray} and give the file it writes as --fid_cache")
     path = path or default_stats_path(kind, dataset, img_size)
     if kind == "shapes" and default and not os.path.exists(path):
-        from common import data
+        from model import data
         log(f"computing the statistics of the {dataset} training images in {net.name} features -> {path}")
         save_stats(path, *dataset_statistics(net, data.load_dataset(dataset, None, img_size, train=True)), net.name)
     return load_stats(path, net, stats_command(dataset, img_size, kind, path)), path

@@ -1,7 +1,7 @@
 """Sample quality on the embedded ``shapes`` data with a small feature network of our own.
 
 FID and IS need the Inception network and CIFAR-10, neither of which can always be downloaded.
-For the ``shapes`` data (``common.data.draw_shape``) this module trains, in code and
+For the ``shapes`` data (``model.data.draw_shape``) this module trains, in code and
 deterministically, a small CNN (``ShapesNet``) that predicts each image's shape class, with
 auxiliary heads for the foreground and background colour so that its features also encode colour;
 its features pool three resolutions, so they also see noise and blur. Noise images are trained
@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.checkpoint import save_atomic
-from common.data import SHAPE_CLASSES, SHAPES_SIZE, draw_shape, shape_attributes
+from model.checkpoint import save_atomic
+from model.data import SHAPE_CLASSES, SHAPES_SIZE, draw_shape, shape_attributes
 from common.errors import UserError
 
 VERSION = "shapes-net-1"  # bump on any change to the architecture or the training code

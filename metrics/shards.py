@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from common.atomic import atomic_open
-from common.checkpoint import file_digest
+from model.checkpoint import file_digest
 from common.runtime import derived_seed, generator
 
 

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.compiled import check_kernels, compile_elementwise, run_auto
+from common.configs import time_steps
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ class QuantReLU(nn.Module):
 
     @property
     def levels(self):
-        return 2 ** self.bit - 1
+        return time_steps(self.bit)  # L = 2**bit - 1, the time steps of the IF neuron it becomes
 
     def forward(self, x):
         if self.bit == FULL_PRECISION:

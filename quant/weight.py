@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FULL_PRECISION = 32
+from quant.activation import FULL_PRECISION
 
 # Each magnitude level is a sum of one term per group; a group offers 0 or one power of two
 # 2**-k for k in its list. These are the additive sets of the APoT paper for 2..6 magnitude bits.

@@ -8,7 +8,7 @@ error of a short sampling run from fixed noise (``SampleJudge``).
 """
 import torch
 
-from common import data
+from model import data
 from common.errors import UserError
 
 CHUNK = 32  # images per forward pass: fixed, so the number does not depend on a batch flag
@@ -66,17 +66,20 @@ class SampleJudge:
     """The relative L2 error of a model's images against its ANN's, from the same fixed noise.
 
     ``sampler(model, x_T, generator)`` draws images [N, C, H, W] from ``x_T``; the sampler's own
-    noise (DDIM with eta > 0) comes from a generator seeded with ``seed`` afresh at every call,
-    so a model's error is a function of the model alone. The ANN's images are drawn once.
+    noise (DDIM with eta > 0) replays ``generator``'s stream from the state it had when the judge
+    was made (``diffusion.sample_noise`` gives both), afresh at every call, so a model's error is a
+    function of the model alone. The ANN's images are drawn once.
     """
 
-    def __init__(self, sampler, x_T, seed, ann):
-        self.sampler, self.x_T, self.seed = sampler, x_T, seed
+    def __init__(self, sampler, x_T, generator, ann):
+        self.sampler, self.x_T = sampler, x_T
+        self.device, self.state = generator.device, generator.get_state()
         self.reference = self.images(ann)
 
     @torch.no_grad()
     def images(self, model):
-        generator = torch.Generator(device=self.x_T.device).manual_seed(self.seed)
+        generator = torch.Generator(device=self.device)
+        generator.set_state(self.state)
         return self.sampler(model, self.x_T, generator)
 
     def __call__(self, model):

@@ -19,10 +19,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from common.data import random_flip
+from model.data import random_flip
 from model.unet import DownSample, ResBlock, TimeEmbedding, UpSample
 from snn.capture import block_output
-from snn.neuron import time_mean
+from snn.steps import time_mean
 
 CHUNK = 32  # images per forward pass of the calibration batch: the result does not depend on it
 

@@ -1,22 +1,20 @@
 """Quantized ANN -> SNN conversion by module swap (``docs/conversion.md``)."""
 import torch.nn as nn
 
+from common.configs import time_steps
 from model import UNet
+from model.build import replace_modules
 from model.unet import AnalogInput
 from quant import FULL_PRECISION, QuantReLU
 from snn.latency import latency_steps
-from snn.neuron import STREAMING, IFNeuron, fold, time_mean
+from snn.neuron import IFNeuron
+from snn.steps import STREAMING, fold, time_mean
 from snn.norm import check_norm, swap_group_norms
 
 
 def swap_activations(module, make_neuron):
     """Replace every ``QuantReLU`` under ``module`` with ``make_neuron(quant_relu)``, in place."""
-    targets = [(name, m) for name, m in module.named_modules() if isinstance(m, QuantReLU)]
-    for name, quant in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, child, make_neuron(quant))
-    return module
+    return replace_modules(module, lambda m: isinstance(m, QuantReLU), make_neuron)
 
 
 class Hold(nn.Module):
@@ -27,42 +25,38 @@ class Hold(nn.Module):
     multiply-accumulates happen once per network call (``snn.stats`` counts them so).
     """
 
-    def __init__(self, T):
+    def __init__(self, time_steps):
         super().__init__()
-        self.T = int(T)
+        self.time_steps = int(time_steps)
 
     def forward(self, x):
-        mean = time_mean(x, self.T)
-        return fold(mean.expand(self.T, *mean.shape))
+        mean = time_mean(x, self.time_steps)
+        return fold(mean.expand(self.time_steps, *mean.shape))
 
     def extra_repr(self):
-        return f"T={self.T}"
+        return f"time_steps={self.time_steps}"
 
 
-def swap_analog_inputs(module, T):
-    """Replace every ``AnalogInput`` under ``module`` with a ``Hold`` over ``T`` steps, in place."""
-    targets = [name for name, m in module.named_modules() if isinstance(m, AnalogInput)]
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        setattr(module.get_submodule(parent_name) if parent_name else module, child, Hold(T))
-    return module
+def swap_analog_inputs(module, time_steps):
+    """Replace every ``AnalogInput`` under ``module`` with a ``Hold`` over ``time_steps`` steps, in place."""
+    return replace_modules(module, lambda m: isinstance(m, AnalogInput), lambda m: Hold(time_steps))
 
 
-def make_neuron(quant, T, kind):
+def make_neuron(quant, time_steps, kind):
     """The IF neuron of ``kind`` that replaces the quantizer ``quant`` (its threshold, kernels and sign)."""
     if quant.signed and kind in STREAMING:
         raise ValueError(f"a signed activation (levels -L..L) converts into two_phase neurons only, not {kind!r}")
-    return IFNeuron(T, quant.act_alpha.item(), kind, quant.kernels, signed=quant.signed)
+    return IFNeuron(time_steps, quant.act_alpha.item(), kind, quant.kernels, signed=quant.signed)
 
 
 class SpikingUNet(UNet):
-    """The UNet with IF neurons simulating ``T = 2**bit - 1`` steps.
+    """The UNet with IF neurons simulating ``time_steps(bit) = 2**bit - 1`` steps.
 
     forward(x [B, 3, H, W], t [B]) -> [B, 3, H, W]: the input is repeated over T (direct
     encoding), every stateless layer runs on the folded ``[T*B, ...]`` tensors, and the output is
     the mean over T. Parameter names are those of the ANN.
 
-    ``neuron``: the IF neuron kind (``snn.neuron.NEURON_KINDS``). ``norm``: ``step`` normalises
+    ``neuron``: the IF neuron kind (``snn.steps.NEURON_KINDS``). ``norm``: ``step`` normalises
     every time step on its own (``nn.GroupNorm``), ``compensated`` makes GroupNorm exact over the
     T steps (``snn.norm``); with ``graded`` or ``two_phase`` neurons too, the output is the ANN's.
     With ``two_phase`` neurons every weight layer that reads the analog stream reads it held
@@ -73,7 +67,7 @@ class SpikingUNet(UNet):
         super().__init__(config, T, kernels)
         if self.bit == FULL_PRECISION:
             raise ValueError("a full-precision (--bit=32) UNet has no quantized activations to convert")
-        self.time_steps = 2 ** self.bit - 1
+        self.time_steps = time_steps(self.bit)
         self.neuron = neuron
         self.norm = check_norm(norm)
         swap_activations(self, lambda q: make_neuron(q, self.time_steps, neuron))

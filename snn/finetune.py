@@ -31,10 +31,11 @@ from torch.func import functional_call
 
 from snn import calibrate
 from snn.capture import block_inputs, block_output
-from snn.neuron import IFNeuron, time_mean, unfold
+from snn.neuron import IFNeuron
+from snn.steps import time_mean, unfold
 
 
-def decode_input(value, T):
+def decode_input(value, time_steps):
     """Rate decoding of one block input: ``[T*B, ...]`` -> ``[B, ...]``.
 
     Integer inputs (the diffusion step fed to the time embedding) are the same at every time
@@ -43,11 +44,11 @@ def decode_input(value, T):
     if not torch.is_tensor(value):
         return value
     if value.is_floating_point():
-        return time_mean(value, T)
-    return unfold(value, T)[0]
+        return time_mean(value, time_steps)
+    return unfold(value, time_steps)[0]
 
 
-def straight_through_output(snn_block, ann_block, args, kwargs, T):
+def straight_through_output(snn_block, ann_block, args, kwargs, time_steps):
     """Block output ``[B, ...]`` with the SNN's value and the ANN's gradient.
 
     ``snn_block`` simulates the spike-train input ``args`` ``[T*B, ...]``; ``ann_block`` (same
@@ -56,9 +57,9 @@ def straight_through_output(snn_block, ann_block, args, kwargs, T):
     ``ann_out + (snn_out - ann_out).detach()``.
     """
     with torch.no_grad():
-        snn_out = time_mean(snn_block(*args, **kwargs), T)
-    mean_args = tuple(decode_input(a, T) for a in args)
-    mean_kwargs = {k: decode_input(v, T) for k, v in kwargs.items()}
+        snn_out = time_mean(snn_block(*args, **kwargs), time_steps)
+    mean_args = tuple(decode_input(a, time_steps) for a in args)
+    mean_kwargs = {k: decode_input(v, time_steps) for k, v in kwargs.items()}
     tensors = {**dict(snn_block.named_parameters()), **dict(snn_block.named_buffers())}
     ann_out = functional_call(ann_block, tensors, mean_args, mean_kwargs)
     return ann_out + (snn_out - ann_out).detach()

@@ -1,6 +1,6 @@
 """Fused integrate-and-fire time loop.
 
-The reference (``snn.neuron.if_spikes``) runs a neuron's step function T times (the two-phase
+The reference (``snn.steps.if_spikes``) runs a neuron's step function T times (the two-phase
 neuron: its window function), each step a handful of tensor operations and each operation a
 full pass over memory. Here the very same ``run_steps`` and step function (or window function)
 are handed to ``torch.compile`` (inductor): tracing unrolls the loop over T and inductor emits one kernel in which every element's membrane and count stay in
@@ -21,7 +21,7 @@ import logging
 import torch
 
 from common.compiled import compile_elementwise, run_auto
-from snn.neuron import WINDOWS, check_kind, if_spikes
+from snn.steps import WINDOWS, check_kind, if_spikes
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def _compiled_window(kind):
 
 
 def if_spikes_fused(x, theta, kind="if"):
-    """``snn.neuron.if_spikes`` as one compiled kernel: x [T, ...] -> spikes [T, ...].
+    """``snn.steps.if_spikes`` as one compiled kernel: x [T, ...] -> spikes [T, ...].
 
     ``theta`` is a scalar (a Python number or a 0-dim tensor). Raises whatever the compiler
     raises when it cannot build the kernel; ``if_spikes_auto`` falls back instead.

@@ -2,10 +2,11 @@
 import os
 from typing import NamedTuple, Optional
 
-from common import checkpoint, configs
+from common import configs
+from model import checkpoint
 from common.configs import ModelConfig, SNNConfig
 from common.errors import UserError
-from common.models import build_unet
+from model.build import build_unet
 from quant import FULL_PRECISION
 from snn.convert import SpikingUNet, convert
 

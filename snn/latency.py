@@ -14,8 +14,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from model import UNet
 from quant import FULL_PRECISION, QuantReLU
-from snn.neuron import STREAMING, IFNeuron
+from snn.neuron import IFNeuron
+from snn.steps import STREAMING
 
 
 class _Depth(TorchFunctionMode):
@@ -71,7 +73,6 @@ def unet_depth(config, T=1000):
     Built and run on the ``meta`` device (shapes only, no values: the path depends on neither),
     with plain PyTorch kernels, so that it takes milliseconds for any size of UNet.
     """
-    from model import UNet  # here: snn.convert imports this module's users
     with torch.device("meta"):
         unet = UNet(config, T, "reference").eval()
         size = 2 ** config.levels

@@ -13,7 +13,8 @@ so o_1 + ... + o_T = T * GN(mean_t x_t) (the sum telescopes) while step t uses s
 import torch
 import torch.nn as nn
 
-from snn.neuron import fold, unfold
+from model.build import replace_modules
+from snn.steps import fold, unfold
 
 NORM_KINDS = ("step", "compensated")
 
@@ -32,21 +33,21 @@ class CompensatedGroupNorm(nn.GroupNorm):
     (``weight``, ``bias``) are ``nn.GroupNorm``'s, so a state dict loads into either.
     """
 
-    def __init__(self, T, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None):
+    def __init__(self, time_steps, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None):
         super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
-        self.T = int(T)
+        self.time_steps = int(time_steps)
 
     @classmethod
-    def from_group_norm(cls, norm, T):
+    def from_group_norm(cls, norm, time_steps):
         """A compensated copy of the ``nn.GroupNorm`` ``norm`` (same settings, parameter values,
         device and dtype)."""
         factory = {"device": norm.weight.device, "dtype": norm.weight.dtype} if norm.affine else {}
-        new = cls(T, norm.num_groups, norm.num_channels, norm.eps, norm.affine, **factory)
+        new = cls(time_steps, norm.num_groups, norm.num_channels, norm.eps, norm.affine, **factory)
         new.load_state_dict(norm.state_dict())
         return new.train(norm.training)
 
     def forward(self, x):
-        T = self.T
+        T = self.time_steps
         steps = torch.arange(1, T + 1, dtype=x.dtype, device=x.device).view(T, *[1] * x.dim())
         running_mean = torch.cumsum(unfold(x, T), 0) / steps           # S_t / t, [T, B, C, ...]
         total = steps * unfold(super().forward(fold(running_mean)), T)  # t * GN(S_t / t)
@@ -54,16 +55,11 @@ class CompensatedGroupNorm(nn.GroupNorm):
         return fold(torch.cat([total[:1], total[1:] - total[:-1]]))
 
     def extra_repr(self):
-        return f"T={self.T}, {super().extra_repr()}"
+        return f"time_steps={self.time_steps}, {super().extra_repr()}"
 
 
-def swap_group_norms(module, T):
+def swap_group_norms(module, time_steps):
     """Replace every plain ``nn.GroupNorm`` under ``module`` with a ``CompensatedGroupNorm`` over
-    ``T`` steps, in place, keeping names and parameter values. Returns ``module``."""
-    targets = [(name, m) for name, m in module.named_modules()
-               if isinstance(m, nn.GroupNorm) and not isinstance(m, CompensatedGroupNorm)]
-    for name, norm in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, child, CompensatedGroupNorm.from_group_norm(norm, T))
-    return module
+    ``time_steps`` steps, in place, keeping names and parameter values. Returns ``module``."""
+    return replace_modules(module, lambda m: isinstance(m, nn.GroupNorm) and not isinstance(m, CompensatedGroupNorm),
+                           lambda norm: CompensatedGroupNorm.from_group_norm(norm, time_steps))

@@ -151,11 +151,11 @@ def _spike_rates(c):
             "negative_spike_fraction": c.negative_spikes / spikes, "multi_spike_fraction": c.multi_spikes / spikes}
 
 
-def _constant_over_time(x, T):
+def _constant_over_time(x, time_steps):
     """Whether the folded tensor ``x`` [T*B, ...] holds the same values at every time step."""
-    if T == 1:
+    if time_steps == 1:
         return True
-    steps = x.reshape(T, x.shape[0] // T, -1)
+    steps = x.reshape(time_steps, x.shape[0] // time_steps, -1)
     return bool(torch.equal(steps, steps[:1].expand_as(steps)))
 
 
@@ -172,7 +172,7 @@ class SpikeMonitor:
         self.outer = model  # samples are counted where the caller's batch enters
         self.root = model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) \
             else model
-        self.T = int(getattr(self.root, "time_steps", 1))
+        self.time_steps = int(getattr(self.root, "time_steps", 1))
         self.named = dict(self.root.named_modules())
         self._handles = []
         self._lock = threading.Lock()
@@ -263,18 +263,18 @@ class SpikeMonitor:
 
     def _on_weight_layer(self, name, layer, module, args, out):
         x = args[0]
-        ann_mac = out.numel() / self.T * fan_in(layer)  # one (ANN) pass of every sample
+        ann_mac = out.numel() / self.time_steps * fan_in(layer)  # one (ANN) pass of every sample
         entry = self._entry(x)
         ac = mac = int_add = 0.0
         if entry is None:  # analog: MACs, once if the input is the same at every step
-            mac = ann_mac * (1 if _constant_over_time(x, self.T) else self.T)
+            mac = ann_mac * (1 if _constant_over_time(x, self.time_steps) else self.time_steps)
         else:
             levels = spike_sizes(x, entry[0])
             if entry[1]:  # spikes: one accumulate per event and outgoing connection
                 ac = float(_count(levels.abs())) * fan_out(layer)
             else:  # an ANN reading a quantized activation runs its MACs
                 mac = ann_mac
-            counts = levels.reshape(self.T, -1).sum(0)  # a neuron's net count over the window: its level
+            counts = levels.reshape(self.time_steps, -1).sum(0)  # a neuron's net count over the window: its level
             int_add = float(_count(popcount(counts))) * fan_out(layer)
         with self._lock:
             counts = self.synapses.setdefault(name, _SynapseCounts(
@@ -305,7 +305,7 @@ class SpikeMonitor:
         energy, ann_energy, int_energy = (total[k] for k in ("energy_pJ_per_sample", "ann_energy_pJ_per_sample",
                                                              "int_ann_energy_pJ_per_sample"))
         return {
-            "time_steps": self.T, "num_samples": self.num_samples, "num_forwards": self.num_forwards,
+            "time_steps": self.time_steps, "num_samples": self.num_samples, "num_forwards": self.num_forwards,
             **_spike_rates(_total(self.neurons.values())), **total,
             "energy_ratio_ann_over_snn": ann_energy / energy if energy else None,
             "energy_ratio_int_ann_over_snn": int_energy / energy if energy else None,

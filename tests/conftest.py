@@ -1,6 +1,3 @@
-import os
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+"""Shared by the CPU suite and tests/gpu. The repository root is on the import path through
+pytest's ``pythonpath`` setting (pyproject.toml); this folder is, as the folder of a conftest
+file, so the modules here import each other by name (``from helpers import run_script``)."""

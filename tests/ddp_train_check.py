@@ -1,7 +1,7 @@
 """``ANN_train.py`` for test_distributed.py: after training, every process compares its model
 with the checkpoint rank 0 wrote and reports into ``<logdir>/rank{RANK}.json``.
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_train_check.py [ANN_train flags]
+    PYTHONPATH=. python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_train_check.py [ANN_train flags]
 
 A process whose parameters drifted from rank 0's (DDP not averaging gradients, a rank that
 skipped a step) reports ``net_equal: false``: each rank sees other data and other noise, so
@@ -9,17 +9,12 @@ identical parameters are evidence of the synchronisation, not a coincidence.
 """
 import json
 import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import torch
 
-import torch  # noqa: E402
-
-import ANN_train  # noqa: E402
-from common import checkpoint, data  # noqa: E402
-from common.errors import run  # noqa: E402
+import ANN_train
+from common.errors import run
+from model import checkpoint, data
 
 _run = ANN_train.TrainLoop.run
 

@@ -6,7 +6,7 @@ import stat
 import pytest
 import torch
 
-from common import checkpoint
+from model import checkpoint
 from common.atomic import atomic_open, write_json
 from common.errors import UserError
 
@@ -67,7 +67,7 @@ def test_checkpoints_of_the_first_format_still_load(tmp_path):
     """Before the configs, checkpoints held a flat ``flags`` dict and SNN weights under 'ema_model'
     with 'signed' and 'T' beside them: both still load, as what they were."""
     from common.configs import ModelConfig, UNetConfig
-    from common.models import build_unet
+    from model.build import build_unet
     from snn.convert import convert
     from snn.io import load_model
     ann = build_unet(checkpoint.model_config(checkpoint._upgrade({"flags": dict(OLD_FLAGS)})))
@@ -102,7 +102,7 @@ def test_checkpoints_from_before_img_channels_load_as_rgb_models(tmp_path):
     is a 3-channel model: its weights load strictly and it maps [B, 3, H, W] to [B, 3, H, W]; a
     1-channel one stores its setting and is rebuilt with it."""
     from common.configs import DataConfig, DiffusionConfig, ModelConfig, UNetConfig
-    from common.models import build_unet
+    from model.build import build_unet
     from snn.io import load_model
     rgb = ModelConfig(UNetConfig(ch=32, ch_mult=(1,), num_res_blocks=1, num_groups=8), DiffusionConfig(T=20),
                       DataConfig("cifar10", 8))

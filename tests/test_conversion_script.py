@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from common.checkpoint import save_atomic
+from model.checkpoint import load_checkpoint, save_atomic
 from common.configs import SNNConfig
 from helpers import unet
 from snn import SpikingUNet
@@ -194,7 +194,7 @@ def test_spike_driven_demo_flagfiles(tmp_path):
     from helpers import run_script
     run_script("ANN_train.py", "--flagfile=config/train_ANN/demo_spike_driven.txt", f"--logdir={tmp_path}",
                "--total_steps=2", "--save_step=2", "--sample_step=0", "--batch_size=2", "--kernels=reference")
-    unet_cfg = torch.load(tmp_path / "ckpt.pt", weights_only=False)["config"]["unet"]
+    unet_cfg = load_checkpoint(tmp_path / "ckpt.pt")["config"]["unet"]
     assert unet_cfg["spike_driven"] is True and unet_cfg["ch"] == 32 and unet_cfg["num_groups"] == 8
     proc = convert_script("--flagfile=config/SNN_convert/demo_spike_driven.txt", f"--logdir={tmp_path}",
                           "--kernels=reference", *SMALL_RUN)

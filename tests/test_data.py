@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from common import data, runtime
+from common import runtime
+from model import data
 from common.errors import UserError
 
 

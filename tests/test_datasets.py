@@ -20,8 +20,9 @@ import torch
 from PIL import Image
 
 import evaluate
-from common import data, runtime
-from common.checkpoint import load_checkpoint
+from common import runtime
+from model import data
+from model.checkpoint import load_checkpoint
 from common.errors import UserError
 from helpers import ROOT
 from metrics import inception, scores, shards

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from common.configs import SamplerConfig
-from diffusion import AncestralSampler, DDIMSampler, GaussianDiffusion, extract, make_sampler
+from diffusion import AncestralSampler, DDIMSampler, GaussianDiffusion, extract
+from schedulers import make_sampler
 
 T, B1, BT = 100, 1e-4, 0.02
 

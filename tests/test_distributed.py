@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 from common import configs
-from common.checkpoint import load_checkpoint
-from common.models import build_unet
+from model.checkpoint import load_checkpoint
+from model.build import build_unet
 from snn.io import load_model
 from tests.helpers import ROOT, TINY_TRAIN, run_script
 
@@ -26,8 +26,9 @@ HELPER = os.path.join(ROOT, "tests", "ddp_train_check.py")
 
 
 def torchrun(script, *args, nproc=2):
-    """``torchrun --standalone --nproc_per_node=nproc script args``; returns the CompletedProcess."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    """``torchrun --standalone --nproc_per_node=nproc script args``; returns the CompletedProcess.
+    The repository root is on ``PYTHONPATH``: a helper of tests/ imports the project as a script does."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"

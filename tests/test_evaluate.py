@@ -11,9 +11,9 @@ from PIL import Image
 
 import evaluate
 from common import configs
-from common.checkpoint import save_atomic
+from model.checkpoint import save_atomic
 from common.errors import UserError
-from common.models import build_unet
+from model.build import build_unet
 from helpers import assert_one_line_error, run_script
 from metrics import inception, scores, shards
 from snn.convert import convert

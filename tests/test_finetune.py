@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from common.configs import FinetuneConfig
-from diffusion import GaussianDiffusion
+from diffusion import GaussianDiffusion, sample_noise
 from helpers import unet
 from model.unet import ResBlock
 from quant import QuantReLU
@@ -18,7 +18,7 @@ from diffusion import DDIMSampler
 from snn import agreement, calibrate
 from snn import finetune as ft
 from snn.convert import convert
-from snn.neuron import time_mean
+from snn.steps import time_mean
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T_DIFF = 100
@@ -421,7 +421,7 @@ def test_bias_correction_is_judged_first_and_the_steps_on_top_of_what_was_kept()
 
 def tiny_judge(ann, n=8, steps=5, eta=1.0):
     sampler = DDIMSampler(GaussianDiffusion(1e-4, 0.02, T_DIFF), steps, eta, False)
-    return agreement.SampleJudge(sampler, torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(2)), 3, ann)
+    return agreement.SampleJudge(sampler, *sample_noise(n, (3, 8, 8), 2), ann)
 
 
 def test_sample_judge_is_a_function_of_the_model():
@@ -432,7 +432,7 @@ def test_sample_judge_is_a_function_of_the_model():
     assert judge(ann) == 0.0
     error = judge(snn)
     assert error > 1e-3 and judge(snn) == error
-    other = agreement.SampleJudge(judge.sampler, judge.x_T, 4, ann)
+    other = agreement.SampleJudge(judge.sampler, judge.x_T, torch.Generator().manual_seed(4), ann)
     assert agreement.relative_error(other.reference, judge.reference) > 1e-2
 
 

@@ -1,4 +1,4 @@
-"""The fused IF neuron (snn/fused.py) against the reference loop (snn/neuron.py).
+"""The fused IF neuron (snn/fused.py) against the reference loop (snn/steps.py).
 
 Compiling costs seconds per (T, kind) pair, so the tests share six compiled kernels:
 T = 3 unsigned, T = 3 signed, T = 3 graded, T = 3 two-phase (and its signed-levels variant) and
@@ -16,7 +16,8 @@ import torch
 
 from quant import quantize_activation
 from snn import fused
-from snn.neuron import SIGNED_LEVELS, IFNeuron, fold, if_spikes, spike_train, time_mean, unfold
+from snn.neuron import IFNeuron, spike_train
+from snn.steps import SIGNED_LEVELS, fold, if_spikes, time_mean, unfold
 
 HAS_CXX = any(shutil.which(name) for name in ("g++", "c++", "clang++"))
 needs_compiler = pytest.mark.skipif(not HAS_CXX, reason="torch.compile on the CPU needs a C++ compiler")

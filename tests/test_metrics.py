@@ -18,7 +18,7 @@ import pytorch_image_generation_metrics.inception as lib_inception
 from pytorch_image_generation_metrics.core import calculate_frechet_distance
 from torchvision.models import inception as tv_inception
 
-from common.data import draw_shape
+from model.data import draw_shape
 from common.errors import UserError
 from metrics import inception, scores, shards
 from metrics.report import append_jsonl, psnr

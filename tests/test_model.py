@@ -203,3 +203,23 @@ def test_fold_act_starts_as_fold():
         h = block.block1(x) + block.temb_proj(temb)[:, :, None, None]
         assert torch.equal(block(x, temb), block.block2(h) + (block.shortcut(block.block1[1](block.block1[0](x)))
                                                              + block.fold(x)))
+
+
+def test_replace_modules_swaps_nested_modules_once_under_their_names():
+    """Every matching submodule (nested ones too) is replaced under its own name; the root is never
+    replaced, and a replacement that itself matches is not visited again."""
+    import torch.nn as nn
+    from model.build import replace_modules
+
+    root = nn.Sequential(nn.ReLU(), nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    made = []
+
+    def make(m):
+        made.append(m)
+        return nn.Sequential(nn.ReLU())  # holds a ReLU: would loop if replacements were visited
+
+    assert replace_modules(root, lambda m: isinstance(m, nn.ReLU), make) is root
+    assert len(made) == 2 and all(type(m) is nn.ReLU for m in made)
+    names = [name for name, _ in root.named_modules()]
+    assert names == ["", "0", "0.0", "1", "1.0", "1.1", "1.1.0"]
+    assert isinstance(root[1][0], nn.Linear) and isinstance(root[1][1], nn.Sequential)

@@ -18,7 +18,8 @@ from quant import QuantReLU, quantize_activation
 from quant.activation import quantize_signed
 from snn import IFNeuron, SpikingUNet, convert, fold, swap_activations, time_mean, unfold
 from snn.convert import Hold
-from snn.neuron import SIGNED_LEVELS, if_spikes, spike_train
+from snn.neuron import spike_train
+from snn.steps import SIGNED_LEVELS, if_spikes
 from snn.stats import SpikeMonitor
 from snn.norm import CompensatedGroupNorm, swap_group_norms
 
@@ -91,7 +92,7 @@ def tolerance_cases(theta, dtype):
 def test_signed_neuron_tolerance_is_absolute(theta, dtype):
     """The reference codes' signed neuron: a membrane of -5e-4 gives no negative spike, -2e-3 and
     -1e-3 give one, for a threshold of 0.01 as for 10 (an absolute tolerance)."""
-    from snn.neuron import SIGNED_TOLERANCE
+    from snn.steps import SIGNED_TOLERANCE
     assert SIGNED_TOLERANCE == 1e-3
     x, expected = tolerance_cases(theta, dtype)
     assert torch.equal(if_spikes(x, theta, "signed"), expected)
@@ -248,7 +249,7 @@ def test_swap_group_norms_keeps_names_and_values():
     state = copy.deepcopy(model.state_dict())
     swap_group_norms(model, 3)
     norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
-    assert len(norms) == 2 and all(isinstance(m, CompensatedGroupNorm) and m.T == 3 for m in norms)
+    assert len(norms) == 2 and all(isinstance(m, CompensatedGroupNorm) and m.time_steps == 3 for m in norms)
     assert (norms[1].num_groups, norms[1].eps) == (4, 1e-3)
     assert list(model.state_dict()) == list(state)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
@@ -385,7 +386,7 @@ class LoopNeuron(nn.Module):
 
     def __init__(self, neuron):
         super().__init__()
-        self.T, self.kind, self.theta = neuron.T, neuron.kind, neuron.act_alpha.detach().clone()
+        self.T, self.kind, self.theta = neuron.time_steps, neuron.kind, neuron.act_alpha.detach().clone()
 
     def forward(self, x):
         return fold(loop_spikes(unfold(x, self.T), self.theta, self.kind)) * self.theta

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from common import checkpoint
+from model import checkpoint
 from common.errors import UserError
 from common.lock import LOCK_NAME, folder_lock
 from helpers import ROOT, TINY_TRAIN, assert_one_line_error, run_script, train_tiny

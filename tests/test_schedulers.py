@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from common.configs import SamplerConfig
-from diffusion import DDIMSampler, GaussianDiffusion, make_sampler
+from diffusion import DDIMSampler, GaussianDiffusion
 from helpers import ROOT, assert_one_line_error, run_script
-from schedulers import NAMED, SchedulerSampler
+from schedulers import NAMED, SchedulerSampler, make_sampler
 from test_diffusion import B1, BT, T, Oracle, Wild, schedule
 
 HEUN = "diffusers:HeunDiscreteScheduler"
@@ -198,7 +198,7 @@ def test_the_config_is_our_diffusion():
 
 
 def test_offline_and_lazy(tmp_path):
-    """Importing diffusion imports no diffusers; building and running samplers needs no network
+    """Importing diffusion and schedulers imports no diffusers; building and running samplers needs no network
     (HF_HUB_OFFLINE=1, sockets refused) and writes nothing into the Hugging Face cache."""
     code = textwrap.dedent("""
         import socket, sys, torch
@@ -206,7 +206,8 @@ def test_offline_and_lazy(tmp_path):
             raise OSError("no network in this test")
         socket.socket.connect = refuse
         from common.configs import SamplerConfig
-        from diffusion import GaussianDiffusion, make_sampler
+        from diffusion import GaussianDiffusion
+        from schedulers import make_sampler
         assert "diffusers" not in sys.modules
         d = GaussianDiffusion(1e-4, 0.02, 100)
         for name in ("dpm_solver++", "unipc", "euler", "diffusers:HeunDiscreteScheduler"):

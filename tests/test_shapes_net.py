@@ -15,7 +15,7 @@ import torch
 from scipy.linalg import LinAlgWarning
 from torchvision.transforms.functional import gaussian_blur
 
-from common.data import SHAPES_SIZE, SHAPES_TEST_SIZE, draw_shape
+from model.data import SHAPES_SIZE, SHAPES_TEST_SIZE, draw_shape
 from metrics import scores
 from metrics import shapes_net as sn
 
@@ -235,7 +235,7 @@ def test_training_for_longer_scores_better(trained, tmp_path):
     import shutil
     import sys
     from common.configs import SamplerConfig
-    from common.models import build_sampler
+    from schedulers import build_sampler
     from helpers import run_script
     from metrics.shards import to_uint8
     from snn.io import load_model

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from torch.nn import init
 
-from common.data import load_dataset
+from model.data import load_dataset
 from diffusion import GaussianDiffusion
 from helpers import unet
 from quant import QuantReLU

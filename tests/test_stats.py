@@ -254,7 +254,7 @@ def test_bench_energy_prints_the_breakdown_and_draws_it(tmp_path):
     from test_conversion_script import write_ckpt
     write_ckpt(tmp_path)
     out = tmp_path / "energy.png"
-    proc = subprocess.run([sys.executable, "bench/energy.py", str(tmp_path / "ckpt.pt"), "--neuron=two_phase",
+    proc = subprocess.run([sys.executable, "-m", "bench.energy", str(tmp_path / "ckpt.pt"), "--neuron=two_phase",
                            "--probe_images=1", "--sample_steps=2", "--labels", "tiny", f"--out={out}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
@@ -266,6 +266,6 @@ def test_bench_energy_prints_the_breakdown_and_draws_it(tmp_path):
         parts = [float(v) for v in r[2:2 + roles]]
         assert sum(parts) == pytest.approx(float(r[2 + roles].strip(" *")), abs=0.1 * roles)
     assert float(rows[1][-1]) == 39 and out.stat().st_size > 10_000  # one level: (12 + 1) x 3 steps
-    bad = subprocess.run([sys.executable, "bench/energy.py", str(tmp_path / "missing.pt")], cwd=ROOT,
+    bad = subprocess.run([sys.executable, "-m", "bench.energy", str(tmp_path / "missing.pt")], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and bad.stderr.strip().startswith("error: ") and "Traceback" not in bad.stderr

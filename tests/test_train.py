@@ -5,8 +5,8 @@ import shutil
 import pytest
 import torch
 
-from common.checkpoint import load_checkpoint, model_config
-from common.models import build_unet
+from model.checkpoint import load_checkpoint, model_config
+from model.build import build_unet
 from tests.helpers import TINY_TRAIN, assert_one_line_error, run_script, train_tiny
 
 
@@ -69,7 +69,7 @@ def test_a_changed_learning_rate_on_resume_is_applied_and_said(tmp_path):
 
 def test_init_from_full_precision(tmp_path):
     from common.configs import UNetConfig
-    from common.models import load_init
+    from model.build import load_init
     fp = tmp_path / "fp"
     train_tiny(fp, 2, "--bit=32")
     source = load_checkpoint(str(fp / "ckpt.pt"))

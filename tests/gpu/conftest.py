@@ -4,22 +4,16 @@ Without CUDA every test here is marked skipped at collection, so no fixture runs
 no compiling) and the run takes the time of importing torch. ``make test`` (the CPU suite)
 ignores this folder.
 
-``pytest tests/gpu`` alone does not load ``tests/conftest.py`` (the rootdir is this folder), so
-the repository root and ``tests/`` go on ``sys.path`` here: the modules import the project and
-reuse the CPU suite's helpers (``helpers``, ``test_fused``, ``test_neuron``, ``test_distributed``).
+``pytest tests/gpu`` alone loads ``tests/conftest.py`` too (the rootdir is the repository's, where
+pyproject.toml is), so the modules import the project and reuse the CPU suite's helpers
+(``helpers``, ``test_fused``, ``test_neuron``, ``test_distributed``).
 """
 import os
-import sys
 
 import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TESTS = os.path.dirname(HERE)
-ROOT = os.path.dirname(TESTS)
-for path in (TESTS, ROOT):  # ROOT ends up first
-    if path not in sys.path:
-        sys.path.insert(0, path)
 
 NO_CUDA = ("no CUDA device (torch.cuda.is_available() is False): tests/gpu needs a GPU; "
            "run `make test-gpu` on a machine with one (`make test` is the CPU suite)")

@@ -1,7 +1,8 @@
 """``python tests/gpu/on_cuda.py SCRIPT [flags]``: run the repository's SCRIPT as ``python SCRIPT
 [flags]`` would, then print ``cuda_peak_bytes=N`` on stderr at exit: the CUDA memory the script
 allocated on its current device (0 when it never touched CUDA), the tests' evidence that the
-script ran on the GPU whatever it writes into its outputs.
+script ran on the GPU whatever it writes into its outputs. The repository root must be on
+``PYTHONPATH`` (``test_gpu_scripts.on_cuda`` sets it), as it is for ``python SCRIPT``.
 """
 import os
 import runpy
@@ -20,7 +21,6 @@ def _report():
 if __name__ == "__main__":
     script = os.path.join(ROOT, sys.argv[1])
     sys.argv = [script, *sys.argv[2:]]
-    sys.path[0] = os.path.dirname(script)  # as ``python SCRIPT`` sets it
     try:
         runpy.run_path(script, run_name="__main__")
     finally:  # also on absl's sys.exit at the end of a run

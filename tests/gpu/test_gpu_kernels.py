@@ -49,7 +49,8 @@ import torch
 
 from quant import QuantReLU, quantize_activation
 from snn import convert
-from snn.neuron import NEURON_KINDS, STEPS, if_spikes, run_steps, spike_train
+from snn.neuron import spike_train
+from snn.steps import NEURON_KINDS, STEPS, if_spikes, run_steps
 from test_fused import bits, near_threshold_inputs, quantizer_inputs
 from test_neuron import inputs, near_threshold, random_unet, relative_error
 

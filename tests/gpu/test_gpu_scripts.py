@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.checkpoint import load_checkpoint
-from helpers import TINY_TRAIN, run_script
+from model.checkpoint import load_checkpoint
+from helpers import ROOT, TINY_TRAIN, run_script
 from metrics import shards
 from snn import SpikingUNet
 from snn.io import Loaded, load_model
@@ -31,7 +31,7 @@ EVALUATE = ["--num_images=6", "--batch_size=2", "--sampler=ddim", "--sample_step
 def on_cuda(script, *args):
     """``python script args`` (``helpers.run_script``) through on_cuda.py; fails unless the script
     allocated CUDA memory. Returns the CompletedProcess."""
-    proc = run_script(os.path.join("tests", "gpu", "on_cuda.py"), script, *args)
+    proc = run_script(os.path.join("tests", "gpu", "on_cuda.py"), script, *args, env={"PYTHONPATH": ROOT})
     peak = re.findall(r"^cuda_peak_bytes=(\d+)$", proc.stderr, re.MULTILINE)
     assert peak and int(peak[-1]) > 0, f"{script} did not run on CUDA:\n{proc.stderr[-2000:]}"
     return proc

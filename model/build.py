@@ -1,8 +1,6 @@
-"""Models, diffusions and samplers rebuilt from configs (library code: no flags here)."""
-from common import checkpoint
+"""Models rebuilt from configs (library code: no flags here); their samplers: ``schedulers.build_sampler``."""
 from common.errors import UserError
-from diffusion import GaussianDiffusion, make_sampler
-from model import UNet
+from model import UNet, checkpoint
 
 
 def build_unet(cfg, kernels="reference"):
@@ -13,13 +11,15 @@ def build_unet(cfg, kernels="reference"):
         raise UserError(str(err)) from None
 
 
-def build_sampler(cfg, sampler_cfg, device="cpu"):
-    """(diffusion, sampler) for a ``ModelConfig`` and a ``SamplerConfig``, the diffusion on ``device``."""
-    diffusion = GaussianDiffusion.from_config(cfg.diffusion).to(device)
-    try:
-        return diffusion, make_sampler(diffusion, sampler_cfg)
-    except ValueError as err:
-        raise UserError(str(err)) from None
+def replace_modules(root, predicate, make):
+    """Replace every submodule ``m`` of ``root`` (not ``root`` itself) for which ``predicate(m)``
+    holds with ``make(m)``, in place, under the same name; the modules are chosen before any is
+    replaced, so a replacement is never visited. Returns ``root``."""
+    targets = [(name, m) for name, m in root.named_modules() if name and predicate(m)]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        setattr(root.get_submodule(parent_name) if parent_name else root, child, make(module))
+    return root
 
 
 def load_init(model, path):
