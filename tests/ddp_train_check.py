@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 import ANN_train  # noqa: E402
 from common import checkpoint, data  # noqa: E402
-from common.errors import run  # noqa: E402
+from common.flags import run  # noqa: E402
 
 _run = ANN_train.TrainLoop.run
 
