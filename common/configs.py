@@ -276,7 +276,9 @@ class SamplerConfig:
     sampler: str = setting("ddpm", "ddpm = ancestral sampling over all T steps (the seed's), ddim = our DDIM, "
                            "dpm_solver++ = DPM-Solver++(2M), unipc = UniPC, euler = Euler (diffusers' schedulers), "
                            "or diffusers:<ClassName> for any diffusers scheduler class, e.g. diffusers:DDIMScheduler "
-                           "or diffusers:HeunDiscreteScheduler (schedulers.py)")
+                           "or diffusers:HeunDiscreteScheduler (schedulers.py)",
+                           message="must be ddpm, ddim, dpm_solver++, unipc, euler or diffusers:<ClassName> of a "
+                                   "scheduler class diffusers has (checked by common.flags)")
     sample_steps: int = setting(100, "steps of every sampler but ddpm (1 .. T): the network calls of ddim and the "
                                 "fast diffusers samplers (Heun-type schedulers call twice per step)", **AT_LEAST_1)
     eta: float = setting(0.0, "DDIM eta in [0, 1] (0: deterministic, 1: the ancestral variance); ddim and "
