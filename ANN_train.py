@@ -23,7 +23,7 @@ from model import checkpoint, data
 from common import flags as cflags
 from common.atomic import atomic_open, remove_stale_temporaries
 from model.ema import update_ema
-from common.errors import UserError, run
+from common.errors import UserError
 from model.images import save_grid
 from common.lock import folder_lock
 from model.build import build_unet, load_init
@@ -32,34 +32,7 @@ from schedulers import build_sampler
 from common.progress import progress
 from quant import QuantReLU
 
-cflags.define_model_flags()
-cflags.define_data_flags()
-cflags.define_run_flags()
-cflags.define_sampler_flags()
-# Training
-flags.DEFINE_float("lr", 2e-4, help="target learning rate")
-flags.DEFINE_float("grad_clip", 1.0, help="gradient norm clipping")
-flags.DEFINE_integer("total_steps", 800000, help="total training steps")
-flags.DEFINE_integer("warmup", 5000, help="learning rate warm-up steps")
-flags.DEFINE_integer("batch_size", 128, help="global batch size")
-flags.DEFINE_float("ema_decay", 0.9999, help="EMA decay rate")
-flags.DEFINE_float("snr_gamma", 0.0, help="min-SNR-gamma loss weighting (Hang et al., 2023; docs/diffusion.md): "
-                   "steps with a signal-to-noise ratio above gamma count less; 0 = uniform weights (pytorch-ddpm, "
-                   "the seed's setting)")
-flags.DEFINE_string("init", None, help="start from this (higher-precision) checkpoint")
-# Logging and sampling
-flags.DEFINE_integer("log_step", 10, help="frequency of tensorboard scalars")
-flags.DEFINE_integer("sample_size", 64, help="images in a sample grid")
-flags.DEFINE_integer("sample_step", 5000, help="frequency of sample grids (0: never)")
-flags.DEFINE_integer("save_step", 5000, help="frequency of checkpoints")
-for _name in ("total_steps", "batch_size", "log_step", "sample_size", "save_step"):
-    flags.register_validator(_name, lambda v: v >= 1, message=f"--{_name} must be at least 1")
-for _name in ("warmup", "sample_step"):
-    flags.register_validator(_name, lambda v: v >= 0, message=f"--{_name} must be 0 or more")
-flags.register_validator("lr", lambda v: v > 0, message="--lr must be positive")
-flags.register_validator("grad_clip", lambda v: v > 0, message="--grad_clip must be positive")
-flags.register_validator("ema_decay", lambda v: 0 <= v <= 1, message="--ema_decay must be in [0, 1]")
-flags.register_validator("snr_gamma", lambda v: v >= 0, message="--snr_gamma must be 0 (off) or positive")
+cflags.flags_of("ANN_train.py")
 FLAGS = flags.FLAGS
 
 RESUME_KEYS = ("net_model", "ema_model", "optim", "sched", "step", "x_T")  # what a run continues from
@@ -210,9 +183,8 @@ def train_config(ckpt, source):
     """``TrainConfig`` from the flags over a resumed checkpoint's; a changed value is said once."""
     stored = configs.from_dict(configs.TrainConfig, ckpt["config"].get("train", {})) if ckpt else None
     cfg = cflags.config_from_flags(configs.TrainConfig, stored, source, fixed=())
-    for name in configs.field_names(configs.TrainConfig) if stored else []:
-        if getattr(cfg, name) != getattr(stored, name) and name != "total_steps":
-            print(f"note: resuming with --{name}={getattr(cfg, name)} (the checkpoint had {getattr(stored, name)})")
+    for name, new, old in configs.changes(stored, cfg, skip=("total_steps",)):
+        print(f"note: resuming with --{name}={new} (the checkpoint had {old})")
     return cfg
 
 
@@ -272,4 +244,4 @@ def train(logdir):
 
 
 if __name__ == "__main__":
-    run(main)
+    cflags.run(main)

@@ -17,7 +17,7 @@ from absl import flags
 from common import configs, runtime
 from common import flags as cflags
 from common.atomic import remove_stale_temporaries, write_json
-from common.errors import UserError, run
+from common.errors import UserError
 from model.images import save_grid, side_by_side
 from common.lock import folder_lock
 from model.build import build_unet
@@ -28,16 +28,7 @@ from snn import agreement
 from snn.io import load_training_ann, save_snn, to_snn
 from snn.stats import SpikeMonitor, per_image
 
-cflags.define_model_flags()
-cflags.define_data_flags()
-cflags.define_run_flags()
-cflags.define_sampler_flags()
-cflags.define_snn_flags()
-flags.DEFINE_integer("sample_size", 64, help="images in the ANN and SNN sample grids")
-flags.DEFINE_integer("val_size", 128, help="held-out (x_t, t) pairs, t spread over the diffusion range, for the "
-                     "SNN-vs-ANN error (the batch stage 3 validates on, for the same --val_size and --seed)")
-for _name in ("sample_size", "val_size"):
-    flags.register_validator(_name, lambda v: v >= 1, message=f"--{_name} must be at least 1")
+cflags.flags_of("SNN_conversion.py")
 FLAGS = flags.FLAGS
 
 
@@ -149,4 +140,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    run(main)
+    cflags.run(main)

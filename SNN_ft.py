@@ -24,7 +24,7 @@ from common import configs, runtime
 from model import checkpoint, data
 from common import flags as cflags
 from common.atomic import remove_stale_temporaries, write_json
-from common.errors import UserError, run
+from common.errors import UserError
 from model.images import save_grid
 from common.lock import folder_lock
 from diffusion import sample_noise
@@ -33,35 +33,7 @@ from common.progress import progress
 from snn import agreement, calibrate, finetune
 from snn.io import load_training_ann, save_snn, to_snn
 
-cflags.define_model_flags()
-cflags.define_data_flags()
-cflags.define_run_flags()
-cflags.define_sampler_flags()
-cflags.define_snn_flags()
-# Fine-tuning
-flags.DEFINE_float("lr", 1e-6, help="Adam learning rate of every block")
-flags.DEFINE_integer("ft_steps", 20000, help="fine-tuning steps per block")
-flags.DEFINE_integer("batch_size", 128, help="global batch size")
-flags.DEFINE_float("grad_clip", 1.0, help="gradient norm clipping (0: none)")
-flags.DEFINE_integer("val_size", 128, help="held-out (x_t, t) pairs of the one-call error that keep-or-revert "
-                     "judges by (the batch of stage 2's error, for the same --val_size and --seed)")
-flags.DEFINE_integer("judge_images", 64, help="images of the short sampling run (fixed noise, the ANN's images "
-                     "beside) whose error keep-or-revert judges by too; 0: the one-call error alone")
-flags.DEFINE_integer("judge_steps", 10, help="DDIM steps of that sampling run")
-flags.DEFINE_float("judge_eta", 1.0, help="DDIM eta of that sampling run (its noise fixed too)")
-flags.DEFINE_bool("bias_correction", True, help="before a block's steps, shift its output bias by the mean "
-                  "difference between the ANN's and the SNN's block output on a calibration batch")
-flags.DEFINE_integer("calib_size", 256, help="(x_t, t) pairs of the calibration batch, drawn as the training batches")
-flags.DEFINE_bool("restart", False, help="discard earlier progress in SNN_{bit}bit_ft and start from the converted SNN")
-# Logging and sampling
-flags.DEFINE_integer("log_step", 10, help="frequency of the training-loss scalars")
-flags.DEFINE_integer("sample_size", 64, help="images in the grid sampled after every block (0: no grids)")
-for _name in ("batch_size", "val_size", "log_step", "judge_steps", "calib_size"):
-    flags.register_validator(_name, lambda v: v >= 1, message=f"--{_name} must be at least 1")
-for _name in ("ft_steps", "sample_size", "grad_clip", "judge_images"):
-    flags.register_validator(_name, lambda v: v >= 0, message=f"--{_name} must be 0 or more")
-flags.register_validator("lr", lambda v: v > 0, message="--lr must be positive")
-flags.register_validator("judge_eta", lambda v: 0 <= v <= 1, message="--judge_eta must be in [0, 1]")
+cflags.flags_of("SNN_ft.py")
 FLAGS = flags.FLAGS
 
 # Changing these would make the stored errors incomparable with new ones.
@@ -304,9 +276,7 @@ def load_source(logdir, rt):
     ann, cfg, _ = load_training_ann(ckpt_path, rt.device, cflags.kernels())
     cflags.model_config(cfg, ckpt_path)
     cflags.sampler_config(cfg.diffusion.T)  # a bad sampler setting fails before any work
-    if FLAGS.judge_steps > cfg.diffusion.T:
-        raise UserError(f"--judge_steps={FLAGS.judge_steps} exceeds the model's T={cfg.diffusion.T} diffusion "
-                        f"steps; give 1..{cfg.diffusion.T}")
+    configs.check_steps("judge_steps", FLAGS.judge_steps, cfg.diffusion.T)
     return ann, cfg, ckpt_path, os.path.join(logdir, cflags.tagged(f"SNN_{cfg.unet.bit}bit_ft"))
 
 
@@ -380,4 +350,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    run(main)
+    cflags.run(main)

@@ -15,26 +15,11 @@ from absl import flags
 from common import configs, runtime
 from model import data
 from common import flags as cflags
-from common.errors import UserError, run
+from common.errors import UserError
 from common.progress import progress
 from metrics import scores
 
-cflags.define_data_flags()
-flags.DEFINE_integer("img_size", 32, help="image size (the size the evaluated model generates)")
-flags.DEFINE_integer("img_channels", None, help="image channels of the evaluated model: 1 or 3; default: the "
-                     "dataset's (a folder's images are RGB, or grayscale with --img_channels=1)")
-flags.DEFINE_enum("features", "auto", list(scores.FEATURES),
-                  help="feature network: inception (pytorch-gan-metrics), shapes (the project's network for the "
-                       "shapes data) or auto (shapes for --dataset=shapes, else inception)")
-flags.DEFINE_string("out", None, help="output .npz (default: where evaluate.py looks for it, under stats/)")
-flags.DEFINE_integer("batch_size", 50, help="batch size of the feature network")
-flags.DEFINE_integer("num_images", 0, help="use only the first N training images (0: all)")
-flags.register_validator("img_size", lambda v: v >= 4, message="--img_size must be at least 4")
-flags.register_validator("img_channels", lambda c: c is None or c in (1, 3),
-                         message="--img_channels must be 1 (grayscale) or 3 (RGB)")
-flags.register_validator("batch_size", lambda v: v >= 1, message="--batch_size must be at least 1")
-flags.register_validator("num_images", lambda v: v >= 0, message="--num_images must be 0 (all) or more")
-cflags.register_file_validator("out")
+cflags.flags_of("compute_fid_stats.py")
 FLAGS = flags.FLAGS
 
 
@@ -47,7 +32,7 @@ def main(argv):
         raise UserError(str(err)) from None
     out = FLAGS.out or scores.default_stats_path(kind, FLAGS.dataset, FLAGS.img_size, data_dir=FLAGS.data_dir,
                                                  img_channels=channels)
-    if not cflags.creatable(out, folder=False):  # before hours of features, not after
+    if not configs.creatable(out, folder=False):  # before hours of features, not after
         raise UserError(f"cannot write {out}: a regular file is in the way of its folder, or it is a folder")
     net = scores.load_features(kind, FLAGS.img_size, rt.device, FLAGS.batch_size)  # fails fast offline
     dataset = data.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.img_size, train=True, channels=channels)
@@ -59,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    run(main)
+    cflags.run(main)

@@ -26,7 +26,7 @@ from common import configs, runtime
 from model import checkpoint
 from common import flags as cflags
 from common.atomic import remove_stale_temporaries, write_error
-from common.errors import UserError, run
+from common.errors import UserError
 from model.images import save_grid
 from common.lock import folder_lock
 from diffusion import sample_noise
@@ -37,42 +37,7 @@ from metrics.report import append_jsonl, psnr
 from snn.io import Loaded, load_model
 from snn.stats import SpikeMonitor, per_image
 
-cflags.define_model_flags()
-cflags.define_run_flags()
-cflags.define_sampler_flags()
-# What to evaluate
-flags.DEFINE_string("eval_model_path", None, help="SNN checkpoint (converted_snn.pt, a fine-tuned SNN) or ANN ckpt.pt")
-flags.DEFINE_string("ann_path", None, help="the ANN ckpt.pt of the SNN, for the agreement PSNR "
-                    "(default: a ckpt.pt beside the checkpoint, one folder up, or in --logdir)")
-# Generation
-flags.DEFINE_integer("num_images", 50000, help="images generated for IS / FID")
-flags.DEFINE_integer("batch_size", 128, help="images per sampler call; also the size of a shard")
-# Metrics
-flags.DEFINE_enum("fid", "auto", ["auto", "require", "skip"],
-                  help="FID and IS: auto = compute when the feature network and the statistics are there, "
-                       "else skip with the reason; require = fail before sampling when they are not; skip")
-flags.DEFINE_enum("features", "auto", list(scores.FEATURES),
-                  help="feature network of the scores: inception (pytorch-gan-metrics, comparable with papers; "
-                       "grayscale images repeated to three channels), shapes (the project's network for the shapes "
-                       "data: FID, IS over its 6 classes and recognisability) or auto (shapes for the shapes data, "
-                       "else inception)")
-flags.DEFINE_string("fid_cache", None, help="reference statistics (.npz with mu, sigma); default: "
-                    "stats/<dataset>[<size>px].train.npz (stats/cifar10.train.npz for CIFAR-10, written by "
-                    "compute_fid_stats.py), the shapes network's file (made on first use) for shapes; a folder's "
-                    "statistics must be given")
-flags.DEFINE_integer("is_splits", 10, help="splits of the Inception Score")
-flags.DEFINE_integer("inception_batch", 50, help="batch size of the feature network")
-flags.DEFINE_integer("probe_images", 8, help="images sampled once more with the spike monitor on, for the energy "
-                     "per image and (ANN at hand) the SNN-ANN PSNR from the same noise (0: neither)")
-# Outputs
-flags.DEFINE_bool("pic_or_not", True, help="save a grid of generated images into <logdir>/images/")
-flags.DEFINE_string("save_images", None, help="also write every generated image as a PNG into this folder")
-for _name in ("num_images", "batch_size", "is_splits", "inception_batch"):
-    flags.register_validator(_name, lambda v: v >= 1, message=f"--{_name} must be at least 1")
-flags.register_validator("probe_images", lambda v: v >= 0, message="--probe_images must be 0 or more")
-flags.register_validator("eval_model_path", lambda p: p is not None,
-                         message="--eval_model_path is required: an SNN checkpoint or an ANN ckpt.pt")
-cflags.register_folder_validator("save_images")
+cflags.flags_of("evaluate.py")
 FLAGS = flags.FLAGS
 
 
@@ -299,4 +264,4 @@ def evaluate(ev, metrics):
 
 
 if __name__ == "__main__":
-    run(main)
+    cflags.run(main)

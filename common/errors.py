@@ -1,16 +1,19 @@
 """User-facing errors: one clear line and a non-zero exit, never a traceback."""
 import sys
 
-from absl import app, flags
+from absl import app
 
 
 class UserError(Exception):
     """A mistake in the user's input (a path, a flag value, a checkpoint): shown as one line."""
 
 
-def run(main):
+def run(main, flags_parser=None):
     """``absl.app.run(main)``, printing a ``UserError`` (or an ``OSError``: a folder that cannot be
-    made, a file the system refuses) as one ``error: ...`` line and exiting with 1."""
+    made, a file the system refuses) as one ``error: ...`` line and exiting with 1.
+
+    ``flags_parser``: absl's, or one that reports a bad command line as one line
+    (``common.flags.parse``)."""
 
     def guarded(argv):
         try:
@@ -26,14 +29,7 @@ def run(main):
             print("interrupted; the last checkpoint written is intact", file=sys.stderr)
             sys.exit(130)
 
-    app.run(guarded, flags_parser=_parse_flags)
-
-
-def _parse_flags(argv):
-    """absl's flag parsing with a bad flag, value or flagfile reported as one line."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as err:
-        message = str(err).replace("ERROR:: ", "")
-        print(f"error: {message} (--helpfull lists the flags)", file=sys.stderr)
-        sys.exit(2)
+    if flags_parser is None:
+        app.run(guarded)
+    else:
+        app.run(guarded, flags_parser=flags_parser)

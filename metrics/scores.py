@@ -16,9 +16,8 @@ import numpy as np
 import torch
 
 from common.atomic import atomic_open
+from common.configs import FEATURES  # noqa: F401 (the choices of --features)
 from common.errors import UserError
-
-FEATURES = ("auto", "inception", "shapes")
 INCEPTION_NAME = "inception_v3_pool3"
 
 

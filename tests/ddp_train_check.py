@@ -13,7 +13,7 @@ import os
 import torch
 
 import ANN_train
-from common.errors import run
+from common.flags import run
 from model import checkpoint, data
 
 _run = ANN_train.TrainLoop.run

@@ -42,7 +42,7 @@ def convert_script(*args):
 
 def test_converts_samples_and_reports(tmp_path):
     write_ckpt(tmp_path)
-    proc = convert_script(f"--logdir={tmp_path}", "--sign", "--norm=step", *SMALL_RUN)
+    proc = convert_script(f"--logdir={tmp_path}", "--neuron=signed", "--norm=step", *SMALL_RUN)
     assert proc.returncode == 0, proc.stderr
     loaded = load_model(str(tmp_path / "converted_snn.pt"))
     model, ckpt = loaded.model, loaded.ckpt
@@ -107,17 +107,14 @@ def test_user_errors_are_one_line(error_runs, case):
     assert not (logdir / "converted_snn.pt").exists()
 
 
-def test_sign_shorthand_overrides_a_flagfiles_neuron(tmp_path):
-    """``--sign`` / ``--nosign`` on the command line win over ``--neuron`` in a flagfile, as any
-    command-line flag does; typed next to a contradicting ``--neuron`` they are an error."""
+def test_command_line_neuron_overrides_a_flagfiles(tmp_path):
+    """``--neuron`` on the command line wins over the one in a flagfile, and counts as given."""
     write_ckpt(tmp_path)
     flagfile = tmp_path / "mode.txt"
     flagfile.write_text("--neuron=graded\n--norm=step\n")
-    proc = convert_script(f"--flagfile={flagfile}", f"--logdir={tmp_path}", "--nosign", *SMALL_RUN)
+    proc = convert_script(f"--flagfile={flagfile}", f"--logdir={tmp_path}", "--neuron=if", *SMALL_RUN)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "conversion.json").read_text())["neuron"] == "if"
-    proc = convert_script(f"--logdir={tmp_path}", "--nosign", "--neuron=graded", *SMALL_RUN)
-    assert proc.returncode != 0 and "contradicts --neuron=graded" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("flagfile,tag,mode", [("CIFAR10_snn.txt", "", ("graded", "compensated")),
