@@ -11,8 +11,9 @@ $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
+# Two workers (pytest-xdist), each taking whole test files: a file's fixtures are built once.
 test: $(VENV)/.installed
-	$(PYTHON) -m pytest -q tests --ignore=tests/gpu
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile tests --ignore=tests/gpu
 
 # The GPU suite (tests/gpu): fused kernels on CUDA and the scripts on a GPU; every test is
 # skipped when torch.cuda.is_available() is False.

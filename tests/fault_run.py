@@ -7,7 +7,11 @@ temporary file fails: ``enospc`` raises ``OSError(ENOSPC)`` half way through its
 (a full disk), ``erofs`` raises ``OSError(EROFS)`` when its temporary file is created (a
 read-only folder), ``vanish`` deletes the file's folder during its first write (a folder that
 disappeared). Everything else runs as ``python SCRIPT ARGS``.
+
+``injected(fault, name, nth)`` is the same fault for the duration of a ``with`` block
+(``tests/cli_cases.py`` runs each of its cases under one).
 """
+import contextlib
 import errno
 import os
 import runpy
@@ -15,23 +19,30 @@ import shutil
 import sys
 import tempfile
 
-FAULT, NAME, NTH, SCRIPT = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-_seen = {"count": 0}
 _real_mkstemp, _real_fdopen = tempfile.mkstemp, os.fdopen
 
 
-def _hit(prefix):
-    if NAME not in (prefix or ""):
-        return False
-    _seen["count"] += 1
-    return _seen["count"] == NTH
+class _Fault:
+    """Which write fails, and how: ``FAULT``, ``NAME``, ``NTH`` above, and the writes seen so far."""
+
+    def __init__(self, fault, name, nth):
+        self.fault, self.name, self.nth, self.count, self.failing = fault, name, int(nth), 0, set()
+
+    def hit(self, prefix):
+        if self.name not in (prefix or ""):
+            return False
+        self.count += 1
+        return self.count == self.nth
+
+
+_active = []  # the fault in force (at most one)
 
 
 class _FailingFile:
     """A file whose first write writes half its data, then fails."""
 
-    def __init__(self, f, folder):
-        self._f, self._folder, self._failed = f, folder, False
+    def __init__(self, f, folder, fault):
+        self._f, self._folder, self._fault, self._failed = f, folder, fault, False
 
     def write(self, data):
         if self._failed:
@@ -39,7 +50,7 @@ class _FailingFile:
         self._failed = True
         self._f.write(data[:len(data) // 2])
         self._f.flush()
-        if FAULT == "vanish":
+        if self._fault == "vanish":
             shutil.rmtree(self._folder)
             return len(data)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -56,24 +67,39 @@ class _FailingFile:
 
 def _mkstemp(suffix=None, prefix=None, dir=None, text=False):
     fd, path = _real_mkstemp(suffix, prefix, dir, text)
-    if _hit(prefix):
-        if FAULT == "erofs":
+    fault = _active[0] if _active else None
+    if fault is not None and fault.hit(prefix):
+        if fault.fault == "erofs":
             os.close(fd)
             os.remove(path)
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
-        _failing.add(fd)
+        fault.failing.add(fd)
     return fd, path
 
 
 def _fdopen(fd, *args, **kwargs):
     f = _real_fdopen(fd, *args, **kwargs)
-    if fd in _failing:
-        _failing.discard(fd)
-        return _FailingFile(f, os.path.dirname(os.readlink(f"/proc/self/fd/{fd}")))
+    fault = _active[0] if _active else None
+    if fault is not None and fd in fault.failing:
+        fault.failing.discard(fd)
+        return _FailingFile(f, os.path.dirname(os.readlink(f"/proc/self/fd/{fd}")), fault.fault)
     return f
 
 
-_failing = set()
-tempfile.mkstemp, os.fdopen = _mkstemp, _fdopen
-sys.argv = [SCRIPT, *sys.argv[5:]]
-runpy.run_path(SCRIPT, run_name="__main__")
+@contextlib.contextmanager
+def injected(fault, name, nth):
+    """The ``nth`` write of a file named like ``name`` fails by ``fault`` while the block runs."""
+    _active.append(_Fault(fault, name, nth))
+    tempfile.mkstemp, os.fdopen = _mkstemp, _fdopen
+    try:
+        yield
+    finally:
+        _active.clear()
+        tempfile.mkstemp, os.fdopen = _real_mkstemp, _real_fdopen
+
+
+if __name__ == "__main__":
+    FAULT, NAME, NTH, SCRIPT = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    sys.argv = [SCRIPT, *sys.argv[5:]]
+    with injected(FAULT, NAME, NTH):
+        runpy.run_path(SCRIPT, run_name="__main__")

@@ -43,3 +43,46 @@ def unet(T=100, kernels="reference", **fields):
     from model import UNet
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
     return UNet(UNetConfig(**fields), T, kernels)
+
+
+def start_cases(script, cases, folder, env=None):
+    """Start ``python -m tests.cli_cases script`` on ``cases`` (``{case: arguments}``, or ``{case:
+    {"argv": ..., "fault": [...]}}``): every case a command line of ``script`` in one process.
+    Returns (process, path of its results); ``cases_results`` waits for them."""
+    import json
+    name = os.path.basename(script)
+    cases_path, out_path = os.path.join(folder, f"{name}.cases.json"), os.path.join(folder, f"{name}.out.json")
+    with open(cases_path, "w") as f:
+        json.dump(cases, f)
+    proc = subprocess.Popen([sys.executable, "-m", "tests.cli_cases", script, cases_path, out_path], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    return proc, out_path
+
+
+def cases_results(proc, out_path):
+    """{case: {"code", "stderr", "open"}} once ``proc`` (of ``start_cases``) is done."""
+    import json
+    _, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr
+    with open(out_path) as f:
+        return json.load(f)
+
+
+def run_cases_two_at_a_time(cases_by_script, folder, env=None):
+    """``{case: result}`` of ``{script: cases}``, one process per script, two running at a time
+    (the largest first; the next starts as soon as one is done)."""
+    import time
+    results, running = {}, []
+    waiting = sorted((s for s in cases_by_script if cases_by_script[s]), key=lambda s: -len(cases_by_script[s]))
+    while waiting or running:
+        while waiting and len(running) < 2:
+            script = waiting.pop(0)
+            running.append(start_cases(script, cases_by_script[script], folder, env))
+        done = next((r for r in running if r[0].poll() is not None), None)
+        if done is None:
+            time.sleep(0.2)
+            continue
+        running.remove(done)
+        results.update(cases_results(*done))
+    return results

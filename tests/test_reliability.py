@@ -6,7 +6,8 @@
   not be written, the previous file is intact and no temporary file is left.
 * One run writes into a folder at a time; a lock left by a killed run is taken over.
 
-The scripts run as a user runs them; write faults are injected by ``tests/fault_run.py``.
+The scripts run as a user runs them; write faults are injected by ``tests/fault_run.py`` (several
+faults of one script in one process through ``tests/cli_cases.py``, each a command line of its own).
 """
 import json
 import os
@@ -23,7 +24,7 @@ import torch
 from model import checkpoint
 from common.errors import UserError
 from common.lock import LOCK_NAME, folder_lock
-from helpers import ROOT, TINY_TRAIN, assert_one_line_error, run_script, train_tiny
+from helpers import ROOT, TINY_TRAIN, assert_one_line_error, run_cases_two_at_a_time, run_script, train_tiny
 from metrics import scores, shards
 from metrics.report import append_jsonl
 from test_metrics import inception_home  # noqa: F401 (fixture)
@@ -164,20 +165,21 @@ def test_every_kind_of_output_fails_in_one_line(tmp_path, trained, inception_hom
                                                             "--features=inception", "--out={new}/stats.npz"],
          ["{new}/stats.npz", "nothing was written there"]),
     ]
-    running = []
+    by_script, expected = {}, {}
     for i, (fault, name, nth, script, args, words) in enumerate(cases):
         copy, new = tmp_path / f"copy{i}", tmp_path / f"new{i}"
         subprocess.run(["cp", "-r", str(trained), str(copy)], check=True)
         before = {p: open(p, "rb").read() for p in (copy / "conversion.json", copy / "snn_eval.txt")}
         fill = {"copy": copy, "new": new}
-        cmd = [sys.executable, "-m", "tests.fault_run", fault, name, str(nth), script,
-               *[a.format(**fill) for a in args]]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env(TORCH_HOME=inception_home), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        running.append((proc, [w.format(**fill) for w in words], copy, new, before))
-    for proc, words, copy, new, before in running:
-        out, err = proc.communicate(timeout=600)
-        assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), *words)
+        by_script.setdefault(script, {})[f"case{i}"] = {"argv": [a.format(**fill) for a in args],
+                                                        "fault": [fault, name, nth]}
+        expected[f"case{i}"] = ([w.format(**fill) for w in words], copy, new, before)
+    # the cases of one script in one process (tests/cli_cases.py), each a command line under its fault
+    results = run_cases_two_at_a_time(by_script, tmp_path, env={"TORCH_HOME": inception_home})
+    assert results.keys() == expected.keys()
+    for case, (words, copy, new, before) in expected.items():
+        r = results[case]
+        assert_one_line_error(subprocess.CompletedProcess([case], r["code"], "", r["stderr"]), *words)
         assert not temporaries(copy) and not temporaries(new)
         for path, content in before.items():  # the previous records are intact
             assert open(path, "rb").read() == content

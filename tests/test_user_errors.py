@@ -2,9 +2,11 @@
 
 Each case runs a script with the demo flagfile of its stage (as a user would) in its own copy of
 a run folder that already holds a checkpoint, and must end with one line on stderr, no
-traceback, a non-zero exit, and nothing in the folder changed. The processes run side by side:
-most of each is the interpreter starting.
+traceback, a non-zero exit, and nothing in the folder changed. The cases of one script run one
+after the other in one process (``tests/cli_cases.py``: each a full command-line parse and the
+script's own ``run(main)``), two scripts at a time: most of a process is importing torch.
 """
+import hashlib
 import os
 import shutil
 import subprocess
@@ -15,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, cases_results, run_cases_two_at_a_time, start_cases
 
 FLAGFILES = {"ANN_train.py": "config/train_ANN/demo.txt", "SNN_conversion.py": "config/SNN_convert/demo.txt",
              "SNN_ft.py": "config/SNN_ft/demo.txt", "evaluate.py": "config/SNN_evaluate/demo.txt",
@@ -144,54 +146,132 @@ def template(tmp_path_factory, marker):
     return folder
 
 
+_DIGESTS = {}  # (device, inode, size, mtime, ctime) -> sha256: a file written since has another ctime
+
+
+def digest(path):
+    """The sha256 of the file at ``path``; a file linked into many folders is read once until it changes."""
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _DIGESTS:
+        with open(path, "rb") as f:
+            _DIGESTS[key] = hashlib.sha256(f.read()).hexdigest()
+    return _DIGESTS[key]
+
+
 def snapshot(folder):
-    """{relative path: bytes} of every file under ``folder``."""
+    """{relative path: sha256 of the content} of every file under ``folder``."""
     files = {}
     for base, _, names in os.walk(folder):
         for name in names:
             path = os.path.join(base, name)
-            with open(path, "rb") as f:
-                files[os.path.relpath(path, folder)] = f.read()
+            files[os.path.relpath(path, folder)] = digest(path)
     return files
+
+
+def command_line(script, args, run, blocker):
+    """What follows ``python script`` for a case: the stage's demo flagfile, the run folder (unless
+    the case gives its own), the model to evaluate, then the case's arguments."""
+    flagfile = [f"--flagfile={FLAGFILES[script]}"] if FLAGFILES[script] else []
+    own = script == "compute_fid_stats.py" or any(a.startswith("--logdir") for a in args)
+    logdir = [] if own else [f"--logdir={run}"]
+    model = [f"--eval_model_path={run}/ckpt.pt"] if script == "evaluate.py" else []
+    return [*flagfile, *logdir, *model, *[a.format(run=run, file=blocker) for a in args]]
 
 
 @pytest.fixture(scope="module")
 def outcomes(template, tmp_path_factory):
-    """{case: (returncode, stderr, files before, files after)}, six processes at a time."""
-    results, running = {}, []
+    """{case: (returncode, stderr, files before, files after, files left open in the folder)}: the
+    cases of one script run one after the other in one process, two scripts at a time."""
+    folders, argvs = {}, {script: {} for script in FLAGFILES}
     for case, (script, args, _) in CASES.items():
         run = tmp_path_factory.mktemp("case")
-        shutil.copytree(template, run, dirs_exist_ok=True)
+        # hard links: a run that wrote into a file in place would change it in every folder (and be
+        # seen in each); one that replaced it atomically changes only its own folder
+        shutil.copytree(template, run, dirs_exist_ok=True, copy_function=os.link)
         blocker = tmp_path_factory.mktemp("file") / "a_file"
         blocker.write_text("not a folder")
-        flagfile = [f"--flagfile={FLAGFILES[script]}"] if FLAGFILES[script] else []
-        own = script == "compute_fid_stats.py" or any(a.startswith("--logdir") for a in args)
-        logdir = [] if own else [f"--logdir={run}"]
-        model = [f"--eval_model_path={run}/ckpt.pt"] if script == "evaluate.py" else []
-        given = [a.format(run=run, file=blocker) for a in args]
-        cmd = [sys.executable, script, *flagfile, *logdir, *model, *given]
-        before = snapshot(run)
-        running.append((case, run, before, subprocess.Popen(
-            cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True)))
-        if len(running) == 6 or case == list(CASES)[-1]:
-            for name, folder, files, proc in running:
-                _, stderr = proc.communicate(timeout=300)
-                results[name] = (proc.returncode, stderr, files, snapshot(folder))
-            running = []
-    return results
+        argvs[script][case] = command_line(script, args, run, blocker)
+        folders[case] = run
+    before = {case: snapshot(run) for case, run in folders.items()}  # after the last link: ctimes settled
+    results = run_cases_two_at_a_time(argvs, tmp_path_factory.mktemp("cli_cases"))
+    return {case: (r["code"], r["stderr"], before[case], snapshot(folders[case]),
+                   [p for p in r["open"] if p.startswith(str(folders[case]))]) for case, r in results.items()}
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_and_changes_nothing(outcomes, case):
-    returncode, stderr, before, after = outcomes[case]
+def assert_refused(returncode, stderr, before, after, left_open, words):
+    """A non-zero exit, one ``error:`` line holding ``words`` and nothing else on stderr, the folder
+    as it was and no file of it left open."""
     assert returncode != 0, stderr
     assert "Traceback" not in stderr, stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    for word in CASES[case][2]:
+    for word in words:
         assert word in lines[0], (word, lines[0])
     assert after == before, "an earlier checkpoint or output changed"
+    assert not left_open, f"still open after the run: {left_open}"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_and_changes_nothing(outcomes, case):
+    assert_refused(*outcomes[case], CASES[case][2])
+
+
+PROBE = '''"""A script that succeeds, fails in one line, crashes or keeps a file open, as told."""
+import sys
+
+from absl import flags
+
+from common import flags as cflags
+from common.errors import UserError
+
+flags.DEFINE_enum("do", "succeed", ["succeed", "refuse", "crash", "exit", "leak"], "what to do")
+flags.DEFINE_string("path", "", "the file --do=leak keeps open")
+FLAGS = flags.FLAGS
+KEPT = []
+
+
+def main(argv):
+    if FLAGS.do == "refuse":
+        raise UserError("refused as told")
+    if FLAGS.do == "crash":
+        raise RuntimeError("a bug")
+    if FLAGS.do == "exit":
+        sys.exit(3)
+    if FLAGS.do == "leak":
+        KEPT.append(open(FLAGS.path, "w"))
+        raise UserError("refused with a file still open")
+    print("done")
+
+
+if __name__ == "__main__":
+    cflags.run(main)
+'''
+
+
+def test_the_case_runner_reports_what_a_process_would(tmp_path):
+    """Through ``tests/cli_cases.py`` a success exits 0 and a crash prints its traceback (exit 1):
+    both fail ``assert_refused``, as does a file left open; a flag given in one case is back at
+    its default in the next."""
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    kept = tmp_path / "kept.txt"
+    argvs = {"refuse": ["--do=refuse"], "crash": ["--do=crash"], "exit": ["--do=exit"], "default": [],
+             "leak": ["--do=leak", f"--path={kept}"], "bad flag": ["--do=fly"]}
+    out = cases_results(*start_cases(str(script), argvs, tmp_path))
+    codes = {case: out[case]["code"] for case in argvs}
+    assert codes == {"refuse": 1, "crash": 1, "exit": 3, "default": 0, "leak": 1, "bad flag": 2}
+    assert "Traceback" in out["crash"]["stderr"] and "RuntimeError: a bug" in out["crash"]["stderr"]
+    assert out["leak"]["open"] == [str(kept)]
+
+    def refused(case, words=()):
+        r = out[case]
+        assert_refused(r["code"], r["stderr"], {}, {}, [p for p in r["open"] if p.startswith(str(tmp_path))], words)
+    refused("refuse", ["refused as told"])
+    refused("bad flag", ["--do"])
+    for case in ("crash", "default", "leak"):
+        with pytest.raises(AssertionError):
+            refused(case)
 
 
 def test_no_checkpoint_ran_what_it_carries(outcomes, marker):
