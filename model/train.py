@@ -228,7 +228,7 @@ def train(model_cfg, train_cfg, run_cfg, *, logdir, given=frozenset(), sampler_c
     give ``total_steps`` to train on). ``runtime_cfg``: ``parallel`` and the ``kernels`` to build
     with (its ``logdir`` is not read). ``log``: where the run's lines go (rank 0's).
     """
-    with folder_lock(logdir, enabled=runtime.launch_rank() == 0):
+    with folder_lock(logdir, enabled=runtime.launch_rank() == 0, log=log):
         _train(model_cfg, train_cfg, run_cfg, logdir, set(given), sampler_cfg, loader_cfg, runtime_cfg,
                flags_text, log)
 

@@ -43,3 +43,39 @@ def unet(T=100, kernels="reference", **fields):
     from model import UNet
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
     return UNet(UNetConfig(**fields), T, kernels)
+
+
+def train_in_process(*argv):
+    """``model.train.train`` with the arguments ANN_train.py makes of ``argv`` (its real flags, parsed
+    into a FlagValues of their own), in this process; its lines go to stdout as the script's do."""
+    from absl import flags
+    from common import flags as cflags
+    from model.train import train
+    values = flags.FlagValues()
+    cflags.flags_of("ANN_train.py", values)
+    values(["ANN_train.py", *argv])
+    train(**cflags.train_settings(values))
+
+
+def train_tiny_in_process(logdir, steps=3, *extra):
+    """``train_tiny`` in this process: a tiny 2-bit checkpoint at ``logdir/ckpt.pt`` after ``steps`` steps."""
+    train_in_process(*TINY_TRAIN, f"--logdir={logdir}", f"--total_steps={steps}", f"--save_step={steps}", *extra)
+
+
+def run_cli_cases(script, cases, env=None):
+    """[{"rc", "stdout", "stderr"}] of each case ({"argv", "cwd"?, "env"?}) of ``script``, all run by
+    one process of ``tests/cli_cases.py`` through the script's own flags and ``run`` wrapper."""
+    import json
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        cases_path, out_path = os.path.join(folder, "cases.json"), os.path.join(folder, "out.json")
+        with open(cases_path, "w") as f:
+            json.dump(cases, f)
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        proc = subprocess.run([sys.executable, "-m", "tests.cli_cases", script, cases_path, out_path], cwd=ROOT,
+                              env=full_env, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise AssertionError(f"tests/cli_cases.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        with open(out_path) as f:
+            return [subprocess.CompletedProcess(case["argv"], r["rc"], r["stdout"], r["stderr"])
+                    for case, r in zip(cases, json.load(f))]
