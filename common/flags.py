@@ -195,17 +195,34 @@ def _parallel_kernels_note(kernels):
     print(f"note: --kernels={kernels} is not used with --parallel (DataParallel); torchrun runs the compiled kernels")
 
 
-def kernels():
+def kernels(flag_values=FLAGS):
     """``--kernels``, except under ``--parallel``: DataParallel's replica threads run the reference."""
-    if FLAGS.parallel and FLAGS.kernels != "reference":
-        _parallel_kernels_note(FLAGS.kernels)  # once per process
+    if flag_values.parallel and flag_values.kernels != "reference":
+        _parallel_kernels_note(flag_values.kernels)  # once per process
         return "reference"
-    return FLAGS.kernels
+    return flag_values.kernels
 
 
 def logdir():
     """``--logdir``, or the seed's default name for ``--bit``."""
     return wanted(configs.RuntimeConfig).folder(FLAGS.bit)
+
+
+def wanted_model(flag_values=FLAGS):
+    """The ``ModelConfig`` of the flags alone (``unet.img_channels`` None: the dataset's)."""
+    return configs.ModelConfig(**{f.name: wanted(f.default_factory, flag_values)
+                                  for f in dataclasses.fields(configs.ModelConfig)})
+
+
+def train_settings(flag_values=FLAGS):
+    """ANN_train.py's flags as the keyword arguments of ``model.train.train``."""
+    def of(cls):
+        return wanted(cls, flag_values)
+    runtime_cfg = dataclasses.replace(of(configs.RuntimeConfig), kernels=kernels(flag_values))
+    return {"model_cfg": wanted_model(flag_values), "train_cfg": of(configs.TrainConfig),
+            "run_cfg": of(configs.TrainRunConfig), "logdir": runtime_cfg.folder(flag_values.bit),
+            "given": given(flag_values), "sampler_cfg": of(configs.SamplerConfig), "loader_cfg": of(configs.LoaderConfig),
+            "runtime_cfg": runtime_cfg, "flags_text": flag_values.flags_into_string()}
 
 
 # docs/flags.md --------------------------------------------------------------------------------

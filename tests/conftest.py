@@ -1,3 +1,26 @@
 """Shared by the CPU suite and tests/gpu. The repository root is on the import path through
 pytest's ``pythonpath`` setting (pyproject.toml); this folder is, as the folder of a conftest
 file, so the modules here import each other by name (``from helpers import run_script``)."""
+import shutil
+
+import pytest
+
+from helpers import TINY_TRAIN, train_in_process
+
+TINY_RUN_STEPS = 3
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A folder holding a tiny 2-bit run of ``TINY_RUN_STEPS`` steps with TINY_TRAIN's settings
+    (``ckpt.pt``, ``sample/``, events, ``flagfile.txt``), trained once per session in-process. Read
+    it; write only into a ``copy_run``."""
+    folder = tmp_path_factory.mktemp("tiny_run")
+    train_in_process(*TINY_TRAIN, f"--logdir={folder}", f"--total_steps={TINY_RUN_STEPS}",
+                     f"--save_step={TINY_RUN_STEPS}")
+    return folder
+
+
+def copy_run(tiny_run, tmp_path, name="run"):
+    """A copy of the ``tiny_run`` folder at ``tmp_path/name`` (a test's own, to write into)."""
+    return shutil.copytree(tiny_run, tmp_path / name)

@@ -1,4 +1,4 @@
-"""``ANN_train.py`` for test_distributed.py: after training, every process compares its model
+"""``ANN_train.py`` for test_distributed.py: after ``model.train.TrainLoop.run``, every process compares its model
 with the checkpoint rank 0 wrote and reports into ``<logdir>/rank{RANK}.json``.
 
     PYTHONPATH=. python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_train_check.py [ANN_train flags]
@@ -15,8 +15,9 @@ import torch
 import ANN_train
 from common.flags import run
 from model import checkpoint, data
+from model import train as training
 
-_run = ANN_train.TrainLoop.run
+_run = training.TrainLoop.run
 
 
 def same_state(model, state):
@@ -41,7 +42,7 @@ def run_then_compare(loop, dataset):
         json.dump(report, f)
 
 
-ANN_train.TrainLoop.run = run_then_compare
+training.TrainLoop.run = run_then_compare
 
 if __name__ == "__main__":
     run(ANN_train.main)

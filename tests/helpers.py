@@ -86,3 +86,31 @@ def run_cases_two_at_a_time(cases_by_script, folder, env=None):
         running.remove(done)
         results.update(cases_results(*done))
     return results
+
+
+def train_in_process(*argv):
+    """``model.train.train`` with the arguments ANN_train.py makes of ``argv`` (its real flags, parsed
+    into a FlagValues of their own), in this process; its lines go to stdout as the script's do."""
+    from absl import flags
+    from common import flags as cflags
+    from model.train import train
+    values = flags.FlagValues()
+    cflags.flags_of("ANN_train.py", values)
+    values(["ANN_train.py", *argv])
+    train(**cflags.train_settings(values))
+
+
+def train_tiny_in_process(logdir, steps=3, *extra):
+    """``train_tiny`` in this process: a tiny 2-bit checkpoint at ``logdir/ckpt.pt`` after ``steps`` steps."""
+    train_in_process(*TINY_TRAIN, f"--logdir={logdir}", f"--total_steps={steps}", f"--save_step={steps}", *extra)
+
+
+def run_cli_cases(script, cases, env=None):
+    """[CompletedProcess] of each case (``{"argv": [...]}``) of ``script``, all run by one process of
+    ``tests/cli_cases.py`` through the script's own flags and ``run`` wrapper (stdout not kept)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        results = cases_results(*start_cases(script, {str(i): case["argv"] for i, case in enumerate(cases)},
+                                             folder, env))
+    return [subprocess.CompletedProcess(case["argv"], results[str(i)]["code"], "", results[str(i)]["stderr"])
+            for i, case in enumerate(cases)]

@@ -23,7 +23,7 @@ LAYERS = [
     ["quant"],
     ["model", "model.unet"],
     ["model.build", "model.ema", "model.data", "model.images", "model.checkpoint", "diffusion"],
-    ["schedulers"],
+    ["schedulers", "model.train"],
     ["snn.steps"],
     ["snn.fused"],
     ["snn.neuron"],
