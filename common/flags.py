@@ -170,8 +170,12 @@ def config_from_flags(cls, stored=None, source=None, fixed=None, hint=""):
 
 def model_config(stored=None, source=None):
     """The ``ModelConfig`` the flags describe, or ``stored`` checked against the given flags."""
-    parts = {f.name: wanted(f.default_factory) for f in dataclasses.fields(configs.ModelConfig)}
-    return configs.model_config(configs.ModelConfig(**parts), given(), stored, source)
+    return configs.model_config(wanted_model(), given(), stored, source)
+
+
+def wanted_model():
+    """The ``ModelConfig`` of the flags as they are (``unet.img_channels`` None: the dataset's)."""
+    return configs.ModelConfig(**{f.name: wanted(f.default_factory) for f in dataclasses.fields(configs.ModelConfig)})
 
 
 def snn_config(stored=None, source=None):
