@@ -170,12 +170,8 @@ def config_from_flags(cls, stored=None, source=None, fixed=None, hint=""):
 
 def model_config(stored=None, source=None):
     """The ``ModelConfig`` the flags describe, or ``stored`` checked against the given flags."""
-    return configs.model_config(wanted_model(), given(), stored, source)
-
-
-def wanted_model():
-    """The ``ModelConfig`` of the flags as they are (``unet.img_channels`` None: the dataset's)."""
-    return configs.ModelConfig(**{f.name: wanted(f.default_factory) for f in dataclasses.fields(configs.ModelConfig)})
+    parts = {f.name: wanted(f.default_factory) for f in dataclasses.fields(configs.ModelConfig)}
+    return configs.model_config(configs.ModelConfig(**parts), given(), stored, source)
 
 
 def snn_config(stored=None, source=None):
@@ -210,6 +206,12 @@ def kernels():
 def logdir():
     """``--logdir``, or the seed's default name for ``--bit``."""
     return wanted(configs.RuntimeConfig).folder(FLAGS.bit)
+
+
+def wanted_model(flag_values=FLAGS):
+    """The ``ModelConfig`` of the flags alone (``unet.img_channels`` None: the dataset's)."""
+    return configs.ModelConfig(**{f.name: wanted(f.default_factory, flag_values)
+                                  for f in dataclasses.fields(configs.ModelConfig)})
 
 
 # docs/flags.md --------------------------------------------------------------------------------
