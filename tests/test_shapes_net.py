@@ -245,8 +245,8 @@ def test_training_for_longer_scores_better(trained, tmp_path):
     """The demo's model trained for a few hundred steps against the same run after a handful:
     every score says the longer-trained one generates better images, by a wide margin (measured:
     FID 195 after 5 steps, 108 after 300; the bound is 0.8 x 195 = 156). Fewer steps would not
-    keep the margin: after 100 steps (the end of the warm-up) FID is still 191 (192 after 5; on 2
-    loaded cores, OMP_NUM_THREADS=1). The two runs stay command lines until stage 1 is callable
+    keep the margin: after 100 steps (the end of the warm-up) FID is still 191, after 150 186 (192
+    after 5; on 2 loaded cores, OMP_NUM_THREADS=1). The two runs stay command lines until stage 1 is callable
     in-process."""
     import shutil
     import sys
