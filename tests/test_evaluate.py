@@ -1,4 +1,5 @@
-"""evaluate.py end to end on a tiny SNN: metrics, snn_eval.txt, resumption, offline messages."""
+"""Stage 4 (metrics.evaluation, evaluate.py) on a tiny SNN: metrics, snn_eval.txt, resumption,
+offline messages; the command line once end to end and once for a one-line error."""
 import json
 import math
 import os
@@ -9,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-import evaluate
 from common import configs
 from model.checkpoint import save_atomic
 from common.errors import UserError
 from model.build import build_unet
 from helpers import assert_one_line_error, run_script
 from metrics import inception, scores, shards
+from metrics.evaluation import evaluate
 from snn.convert import convert
 from snn.io import save_snn
 from test_metrics import inception_home, offline, torch_home  # noqa: F401 (fixtures)
@@ -48,19 +49,21 @@ def run_dir(tmp_path_factory):
     return folder
 
 
-def evaluate_run(*args):
-    """``python evaluate.py args`` in this process; returns the last snn_eval.txt record."""
-    evaluate.FLAGS.unparse_flags()
-    evaluate.FLAGS(["evaluate.py", *args])
-    evaluate.main([])
-    with open(os.path.join(evaluate.FLAGS.logdir, "snn_eval.txt")) as f:
-        return json.loads(f.read().splitlines()[-1])
+def evaluate_run(logdir, sampler="ddim", sample_steps=2, **fields):
+    """``python evaluate.py`` of an EvalConfig(**fields) into ``logdir``, in this process; returns the
+    last snn_eval.txt record (which is the record the run returns)."""
+    record = evaluate(configs.EvalConfig(**fields), configs.SamplerConfig(sampler, sample_steps), logdir=str(logdir))
+    with open(os.path.join(logdir, "snn_eval.txt")) as f:
+        last = json.loads(f.read().splitlines()[-1])
+    assert last == json.loads(json.dumps(record))
+    return last
 
 
-def snn_args(run_dir, logdir, *extra):
-    return [f"--eval_model_path={run_dir / 'converted_snn.pt'}", f"--logdir={logdir}", "--sampler=ddim",
-            "--sample_steps=2", "--num_images=10", "--batch_size=4", "--is_splits=2", "--inception_batch=10",
-            f"--fid_cache={run_dir / 'stats.npz'}", "--features=inception", "--probe_images=4", *extra]
+def snn_args(run_dir, **extra):
+    """The EvalConfig fields of a small SNN evaluation (``extra`` overrides them)."""
+    return {"eval_model_path": str(run_dir / "converted_snn.pt"), "num_images": 10, "batch_size": 4, "is_splits": 2,
+            "inception_batch": 10, "fid_cache": str(run_dir / "stats.npz"), "features": "inception",
+            "probe_images": 4, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +72,7 @@ def first_run(run_dir, inception_home, tmp_path_factory):
     logdir = tmp_path_factory.mktemp("eval")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TORCH_HOME", inception_home)
-        record = evaluate_run(*snn_args(run_dir, logdir, "--fid=require", f"--save_images={logdir / 'png'}"))
+        record = evaluate_run(logdir, **snn_args(run_dir, fid="require", save_images=str(logdir / "png")))
     return logdir, record
 
 
@@ -113,7 +116,7 @@ def test_interrupted_run_resumes_with_identical_images(first_run, run_dir, offli
     folder.mkdir()
     shutil.copy(shards.shard_path(done["shards"], 0), folder)
     (folder / "shard_00001.npz").write_bytes(b"torn")
-    record = evaluate_run(*snn_args(run_dir, tmp_path, "--fid=auto", "--probe_images=0"))
+    record = evaluate_run(tmp_path, **snn_args(run_dir, fid="auto", probe_images=0))
     assert record["shards"] == str(folder)
     assert (record["shards_made"], record["shards_reused"]) == (2, 1)
     np.testing.assert_array_equal(shards.gather_images(str(folder), 10, 4),
@@ -124,25 +127,30 @@ def test_interrupted_run_resumes_with_identical_images(first_run, run_dir, offli
 
 def test_required_metrics_fail_before_sampling(run_dir, offline, tmp_path):
     with pytest.raises(UserError, match="pt_inception-2015-12-05-6726825d.pth"):
-        evaluate_run(*snn_args(run_dir, tmp_path, "--fid=require"))
+        evaluate_run(tmp_path, **snn_args(run_dir, fid="require"))
     assert not [name for name in os.listdir(tmp_path) if name.startswith("eval_")]
 
 
 def test_missing_statistics_name_the_command(run_dir, torch_home, tmp_path):
     with pytest.raises(UserError, match="compute_fid_stats.py --dataset=shapes"):
-        evaluate_run(*snn_args(run_dir, tmp_path, "--fid=require", f"--fid_cache={tmp_path / 'none.npz'}"))
+        evaluate_run(tmp_path, **snn_args(run_dir, fid="require", fid_cache=str(tmp_path / "none.npz")))
     assert not [name for name in os.listdir(tmp_path) if name.startswith("eval_")]
 
 
 def test_fewer_images_than_splits_is_refused(run_dir, offline, tmp_path):
     with pytest.raises(UserError, match="--num_images=10 is fewer than --is_splits=11"):
-        evaluate_run(*snn_args(run_dir, tmp_path, "--is_splits=11"))
+        evaluate_run(tmp_path, **snn_args(run_dir, is_splits=11))
     assert not [name for name in os.listdir(tmp_path) if name.startswith("eval_")]
 
 
 def test_an_ann_is_evaluated_the_same_way(run_dir, tmp_path):
-    record = evaluate_run(f"--eval_model_path={run_dir / 'ckpt.pt'}", f"--logdir={tmp_path}", "--sampler=ddpm",
-                          "--num_images=4", "--batch_size=4", "--fid=skip", "--probe_images=1")
+    """The command line end to end (the flags become the configs of ``evaluate``)."""
+    proc = run_script("evaluate.py", f"--eval_model_path={run_dir / 'ckpt.pt'}", f"--logdir={tmp_path}",
+                      "--sampler=ddpm", "--num_images=4", "--batch_size=4", "--fid=skip", "--probe_images=1")
+    with open(tmp_path / "snn_eval.txt") as f:
+        lines = f.read().splitlines()
+    assert len(lines) == 1 and "FID/IS skipped: --fid=skip" in proc.stdout and f"appended to {tmp_path}" in proc.stdout
+    record = json.loads(lines[0])
     assert record["kind"] == "ann" and record["time_steps"] is None and record["sample_steps"] == TINY.diffusion.T
     assert record["metrics_skipped"] == "--fid=skip" and "psnr_snn_vs_ann_dB" not in record
     assert record["energy_pJ_per_image"] == pytest.approx(record["ann_energy_pJ_per_image"])

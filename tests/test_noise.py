@@ -58,15 +58,12 @@ def test_the_sample_judge_replays_the_helpers_noise():
 
 def test_evaluations_probe_noise_is_the_helpers():
     """evaluate.py's probe run: sample_noise(--probe_images, shape, --seed + 1)."""
-    import evaluate
-    evaluate.FLAGS.unparse_flags()
-    evaluate.FLAGS(["evaluate.py", "--eval_model_path=unused.pt", "--probe_images=3", "--seed=5"])
-    try:
-        fake = SimpleNamespace(loaded=SimpleNamespace(config=SimpleNamespace(image_shape=SHAPE)),
-                               rt=SimpleNamespace(device="cpu"))
-        x_T, g = evaluate.Evaluation.probe_noise(fake)
-    finally:
-        evaluate.FLAGS.unparse_flags()
+    from common.configs import EvalConfig
+    from metrics.evaluation import Evaluation
+    fake = SimpleNamespace(cfg=EvalConfig(eval_model_path="unused.pt", probe_images=3, seed=5),
+                           loaded=SimpleNamespace(config=SimpleNamespace(image_shape=SHAPE)),
+                           rt=SimpleNamespace(device="cpu"))
+    x_T, g = Evaluation.probe_noise(fake)
     want_x, want_g = sample_noise(3, SHAPE, 6)
     assert torch.equal(x_T, want_x) and torch.equal(stream(g), stream(want_g))
 
@@ -97,7 +94,7 @@ def test_the_scorer_draws_the_helpers_noise_chunk_by_chunk():
 # The functions inside the scripts' runs that draw grid / probe / judge noise: (file, function).
 CALLERS = [("model/train.py", "TrainLoop.create"), ("model/train.py", "TrainLoop.sample_grid"),
            ("SNN_conversion.py", "sample_pair"), ("SNN_ft.py", "FinetuneRun.sample_grid"),
-           ("SNN_ft.py", "make_sample_error"), ("evaluate.py", "Evaluation.probe_noise"),
+           ("SNN_ft.py", "make_sample_error"), ("metrics/evaluation.py", "Evaluation.probe_noise"),
            ("bench/quality.py", "Scorer.images"), ("bench/energy.py", "measure")]
 
 

@@ -4,14 +4,17 @@ import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from absl import flags
 
+from common import flags as cflags
 from common.configs import SamplerConfig
 from diffusion import DDIMSampler, GaussianDiffusion
-from helpers import ROOT, assert_one_line_error, run_script
+from helpers import ROOT, assert_one_line_error
 from schedulers import NAMED, SchedulerSampler, make_sampler
 from test_diffusion import B1, BT, T, Oracle, Wild, schedule
 
@@ -199,9 +202,13 @@ def test_the_config_is_our_diffusion():
 
 def test_offline_and_lazy(tmp_path):
     """Importing diffusion and schedulers imports no diffusers; building and running samplers needs no network
-    (HF_HUB_OFFLINE=1, sockets refused) and writes nothing into the Hugging Face cache."""
+    (HF_HUB_OFFLINE=1, sockets refused) and writes nothing into the Hugging Face cache.
+
+    The same process then runs ``python ANN_train.py --sampler=diffusers:NoSuchScheduler`` (the
+    script as ``__main__``, as Python runs it): the command line refuses the name in one line,
+    offline too."""
     code = textwrap.dedent("""
-        import socket, sys, torch
+        import runpy, socket, sys, torch
         def refuse(*args, **kwargs):
             raise OSError("no network in this test")
         socket.socket.connect = refuse
@@ -212,17 +219,31 @@ def test_offline_and_lazy(tmp_path):
         d = GaussianDiffusion(1e-4, 0.02, 100)
         for name in ("dpm_solver++", "unipc", "euler", "diffusers:HeunDiscreteScheduler"):
             make_sampler(d, SamplerConfig(name, 3))(lambda x, t: torch.zeros_like(x), torch.ones(1, 3, 4, 4))
-        print("ok")
+        print("ok", flush=True)
+        sys.argv = ["ANN_train.py", "--sampler=diffusers:NoSuchScheduler"]
+        runpy.run_path("ANN_train.py", run_name="__main__")
     """)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    assert proc.stdout.strip() == "ok", proc.stderr
+    assert proc.returncode == 2, proc.stderr  # the flags' one-line error exit
+    assert_one_line_error(proc, "--sampler", "no scheduler class 'NoSuchScheduler'", "diffusers:<ClassName>")
     assert not any((tmp_path / "hf").rglob("*"))
 
 
 @pytest.mark.parametrize("value, fragment", [("nonsense", "unknown sampler 'nonsense'"),
                                              ("diffusers:NoSuchScheduler", "no scheduler class 'NoSuchScheduler'")])
-def test_sampler_flag_refuses_unknown_names(value, fragment):
-    proc = run_script("ANN_train.py", f"--sampler={value}", check=False)
-    assert_one_line_error(proc, "--sampler", fragment, "diffusers:<ClassName>")
+def test_sampler_flag_refuses_unknown_names(value, fragment, monkeypatch, capsys):
+    """The command line's parsing (``common.flags.parse``, what each script's ``run`` parses with)
+    of ANN_train.py's flags, in this process: one ``error:`` line and exit 2 (the real command line:
+    test_offline_and_lazy)."""
+    values = flags.FlagValues()
+    cflags.flags_of("ANN_train.py", values)
+    monkeypatch.setattr(cflags, "FLAGS", values)
+    with pytest.raises(SystemExit) as exit_:
+        cflags.parse(["ANN_train.py", f"--sampler={value}"])
+    err = capsys.readouterr().err
+    assert_one_line_error(SimpleNamespace(returncode=exit_.value.code, stderr=err), "--sampler", fragment,
+                          "diffusers:<ClassName>")
+    assert exit_.value.code == 2
