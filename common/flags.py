@@ -185,6 +185,28 @@ def sampler_config(T):
     return configs.sampler_config(config_from_flags(configs.SamplerConfig), T)
 
 
+def _stage_settings(flag_values, **classes):
+    """The keyword arguments of stage 2's and stage 3's library call: the wanted model, the names
+    given, the run folder, the runtime (``kernels()`` applied) and ``{name: wanted(cls)}``."""
+    runtime_cfg = dataclasses.replace(wanted(configs.RuntimeConfig, flag_values), kernels=kernels(flag_values))
+    return {"logdir": runtime_cfg.folder(flag_values.bit), "model_cfg": wanted_model(flag_values),
+            "given": given(flag_values), "runtime_cfg": runtime_cfg,
+            **{name: wanted(cls, flag_values) for name, cls in classes.items()}}
+
+
+def conversion_settings(flag_values=FLAGS):
+    """SNN_conversion.py's flags as the keyword arguments of ``snn.conversion.convert_run``."""
+    return _stage_settings(flag_values, snn_cfg=configs.SNNConfig, sampler_cfg=configs.SamplerConfig,
+                           conversion_cfg=configs.ConversionConfig, loader_cfg=configs.LoaderConfig)
+
+
+def finetune_settings(flag_values=FLAGS):
+    """SNN_ft.py's flags as the keyword arguments of ``snn.finetune_run.finetune_run``."""
+    return _stage_settings(flag_values, snn_cfg=configs.SNNConfig, sampler_cfg=configs.SamplerConfig,
+                           ft_cfg=configs.FinetuneConfig, run_cfg=configs.FinetuneRunConfig,
+                           loader_cfg=configs.LoaderConfig)
+
+
 def tagged(name):
     """``name`` with ``_<--tag>`` appended (before its extension), or ``name`` without a tag."""
     return configs.tagged(name, FLAGS.tag)
@@ -195,17 +217,23 @@ def _parallel_kernels_note(kernels):
     print(f"note: --kernels={kernels} is not used with --parallel (DataParallel); torchrun runs the compiled kernels")
 
 
-def kernels():
+def kernels(flag_values=FLAGS):
     """``--kernels``, except under ``--parallel``: DataParallel's replica threads run the reference."""
-    if FLAGS.parallel and FLAGS.kernels != "reference":
-        _parallel_kernels_note(FLAGS.kernels)  # once per process
+    if flag_values.parallel and flag_values.kernels != "reference":
+        _parallel_kernels_note(flag_values.kernels)  # once per process
         return "reference"
-    return FLAGS.kernels
+    return flag_values.kernels
 
 
 def logdir():
     """``--logdir``, or the seed's default name for ``--bit``."""
     return wanted(configs.RuntimeConfig).folder(FLAGS.bit)
+
+
+def wanted_model(flag_values=FLAGS):
+    """The ``ModelConfig`` of the flags alone (``unet.img_channels`` None: the dataset's)."""
+    return configs.ModelConfig(**{f.name: wanted(f.default_factory, flag_values)
+                                  for f in dataclasses.fields(configs.ModelConfig)})
 
 
 # docs/flags.md --------------------------------------------------------------------------------
