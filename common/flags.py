@@ -207,6 +207,16 @@ def finetune_settings(flag_values=FLAGS):
                            loader_cfg=configs.LoaderConfig)
 
 
+def values_of(script, argv):
+    """Flag values of their own holding ``script``'s flags parsed from ``argv`` (what follows
+    ``python script`` on a command line, flagfiles included): a stage run in-process with the
+    settings functions above, e.g. ``finetune_run(**finetune_settings(values_of("SNN_ft.py", argv)))``."""
+    values = flags.FlagValues()
+    flags_of(script, values)
+    values([script, *argv])
+    return values
+
+
 def tagged(name):
     """``name`` with ``_<--tag>`` appended (before its extension), or ``name`` without a tag."""
     return configs.tagged(name, FLAGS.tag)
