@@ -134,7 +134,8 @@ def summary_line(result, report):
     """The line stage 2 ends with: the errors, the firing rate, the latency and the energies."""
     stats = result["spike_stats"]
     return (f"noise prediction relative error {result['noise_relative_error']:.3g} (the ANN's own float32 vs "
-            f"float64: {result['ann_float32_vs_float64']:.3g}; float64 SNN: {result['noise_relative_error_float64']:.2e}), "
+            f"float64: {result['ann_float32_vs_float64']:.3g}; "
+            f"float64 SNN: {result['noise_relative_error_float64']:.2e}), "
             f"firing rate {stats['firing_rate']:.4f}, latency {result['latency_steps']} steps a call, energy per "
             f"network call of one image {stats['energy_pJ_per_sample'] / 1e6:.2f} uJ (SNN) vs "
             f"{stats['ann_energy_pJ_per_sample'] / 1e6:.2f} uJ (ANN, float MACs: "
