@@ -480,9 +480,11 @@ def test_validation_batch_is_fixed_and_spread():
 
 # --- end to end: SNN_ft.py on a checkpoint trained here ------------------------------------------
 
+# the sample judge's 64 images (the default) with 2 DDIM steps instead of 10: its rule holds at any
+# number of steps, and its sampling runs are most of the run's time
 FT_FLAGS = ["--dataset=shapes", "--ft_steps=2", "--batch_size=4", "--val_size=4", "--sample_size=2",
             "--sampler=ddim", "--sample_steps=2", "--num_workers=0", "--lr=0.001", "--log_step=1",
-            "--neuron=if", "--norm=step"]
+            "--neuron=if", "--norm=step", "--judge_steps=2"]
 
 
 def script(name, *args):
