@@ -16,14 +16,12 @@ images from the same noise (DDIM 20 steps, eta 1, as the demo evaluates). Writes
 import argparse
 import json
 import os
-import subprocess
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 
-from bench.modes import Bench
+from bench.modes import Bench, stage3
 from common.atomic import atomic_open, write_json
 from common.configs import SNNConfig
 from snn.io import load_model, to_snn
@@ -40,7 +38,8 @@ def parse_args(argv=None):
     parser.add_argument("--logdir", default="logs/demo", help="the run folder holding ckpt.pt")
     parser.add_argument("--val_size", type=int, default=256, help="held-out pairs of the one-call error")
     parser.add_argument("--num_images", type=int, default=256, help="images sampled per model for the scores")
-    parser.add_argument("--flagfile", default="config/SNN_ft/demo.txt", help="the settings of every SNN_ft.py run")
+    parser.add_argument("--flagfile", default="config/SNN_ft/demo.txt",
+                        help="the settings of every stage-3 run (SNN_ft.py's flags; relative to the repository)")
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "measured", "finetune"),
                         help="output stem (.md, .json)")
     args = parser.parse_args(argv)
@@ -49,11 +48,10 @@ def parse_args(argv=None):
 
 
 def tuned(args, bit, neuron, norm, suffix, extra, device):
-    """(the SNN ``SNN_ft.py`` made, its finetune.json) for one mode and one variant."""
+    """(the SNN stage 3 made, its finetune.json) for one mode and one variant."""
     tag = f"bench_ft_{neuron}_{norm}_{suffix}"
-    cmd = [sys.executable, "SNN_ft.py", f"--flagfile={args.flagfile}", f"--logdir={args.logdir}",
-           f"--neuron={neuron}", f"--norm={norm}", f"--tag={tag}", "--sample_size=0", "--restart", *extra]
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    stage3(f"--flagfile={os.path.join(ROOT, args.flagfile)}", f"--logdir={args.logdir}", f"--neuron={neuron}",
+           f"--norm={norm}", f"--tag={tag}", "--sample_size=0", "--restart", *extra)
     out_dir = os.path.join(args.logdir, f"SNN_{bit}bit_ft_{tag}")
     with open(os.path.join(out_dir, "finetune.json")) as f:
         record = json.load(f)

@@ -13,18 +13,18 @@ settings, one ``--tag`` per mode) and adds those rows. Writes ``docs/measured/mo
 import argparse
 import json
 import os
-import subprocess
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 
 from bench.quality import Scorer
+from common import flags as cflags
 from common.atomic import atomic_open, write_json
 from common.configs import SamplerConfig, SNNConfig
 from schedulers import build_sampler
 from snn import agreement
+from snn.finetune_run import finetune_run
 from snn.io import load_model, load_training_ann, to_snn
 from snn.stats import SpikeMonitor
 
@@ -42,6 +42,12 @@ def parse_args(argv=None):
     parser.add_argument("--finetune", action="store_true", help="also fine-tune the binary modes (SNN_ft.py)")
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "measured", "modes"), help="output stem (.md, .json)")
     return parser.parse_args(argv)
+
+
+def stage3(*argv):
+    """Stage 3 (``snn.finetune_run.finetune_run``) in this process, with the settings SNN_ft.py
+    makes of the command line ``argv`` (its flags, parsed into flag values of their own)."""
+    return finetune_run(**cflags.finetune_settings(cflags.values_of("SNN_ft.py", argv)))
 
 
 class Bench:
@@ -75,11 +81,10 @@ class Bench:
                 "energy_uJ_per_image": stats["energy_pJ_per_sample"] * self.calls / 1e6}
 
     def finetuned(self, neuron, norm):
-        """The SNN of mode (neuron, norm) after ``SNN_ft.py`` with the demo flagfile's settings."""
+        """The SNN of mode (neuron, norm) after stage 3 with the demo flagfile's settings."""
         tag = f"bench_{neuron}_{norm}"
-        cmd = [sys.executable, "SNN_ft.py", "--flagfile=config/SNN_ft/demo.txt", f"--logdir={self.args.logdir}",
-               f"--neuron={neuron}", f"--norm={norm}", f"--tag={tag}", "--sample_size=0"]
-        subprocess.run(cmd, cwd=ROOT, check=True)
+        stage3(f"--flagfile={os.path.join(ROOT, 'config', 'SNN_ft', 'demo.txt')}", f"--logdir={self.args.logdir}",
+               f"--neuron={neuron}", f"--norm={norm}", f"--tag={tag}", "--sample_size=0")
         path = os.path.join(self.args.logdir, f"SNN_{self.cfg.unet.bit}bit_ft_{tag}", "snn_ft.pt")
         return load_model(path, self.device, "auto").model
 

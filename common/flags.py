@@ -185,6 +185,38 @@ def sampler_config(T):
     return configs.sampler_config(config_from_flags(configs.SamplerConfig), T)
 
 
+def _stage_settings(flag_values, **classes):
+    """The keyword arguments of stage 2's and stage 3's library call: the wanted model, the names
+    given, the run folder, the runtime (``kernels()`` applied) and ``{name: wanted(cls)}``."""
+    runtime_cfg = dataclasses.replace(wanted(configs.RuntimeConfig, flag_values), kernels=kernels(flag_values))
+    return {"logdir": runtime_cfg.folder(flag_values.bit), "model_cfg": wanted_model(flag_values),
+            "given": given(flag_values), "runtime_cfg": runtime_cfg,
+            **{name: wanted(cls, flag_values) for name, cls in classes.items()}}
+
+
+def conversion_settings(flag_values=FLAGS):
+    """SNN_conversion.py's flags as the keyword arguments of ``snn.conversion.convert_run``."""
+    return _stage_settings(flag_values, snn_cfg=configs.SNNConfig, sampler_cfg=configs.SamplerConfig,
+                           conversion_cfg=configs.ConversionConfig, loader_cfg=configs.LoaderConfig)
+
+
+def finetune_settings(flag_values=FLAGS):
+    """SNN_ft.py's flags as the keyword arguments of ``snn.finetune_run.finetune_run``."""
+    return _stage_settings(flag_values, snn_cfg=configs.SNNConfig, sampler_cfg=configs.SamplerConfig,
+                           ft_cfg=configs.FinetuneConfig, run_cfg=configs.FinetuneRunConfig,
+                           loader_cfg=configs.LoaderConfig)
+
+
+def values_of(script, argv):
+    """Flag values of their own holding ``script``'s flags parsed from ``argv`` (what follows
+    ``python script`` on a command line, flagfiles included): a stage run in-process with the
+    settings functions above, e.g. ``finetune_run(**finetune_settings(values_of("SNN_ft.py", argv)))``."""
+    values = flags.FlagValues()
+    flags_of(script, values)
+    values([script, *argv])
+    return values
+
+
 def tagged(name):
     """``name`` with ``_<--tag>`` appended (before its extension), or ``name`` without a tag."""
     return configs.tagged(name, FLAGS.tag)

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from helpers import TINY_TRAIN, train_in_process
+from helpers import TINY_TRAIN, train_in_process, train_tiny_in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RUN_STEPS = 3
@@ -36,3 +36,13 @@ def shapes_net16():
     from metrics import shapes_net
     folder = os.path.join(ROOT, "stats")
     return shapes_net.load_shapes_net(16, folder), folder
+
+
+@pytest.fixture(scope="session")
+def snn_tiny_run(tmp_path_factory):
+    """A folder holding a tiny 2-bit ``ckpt.pt`` (TINY_TRAIN's model at 8x8 pixels, 2 steps) for
+    stages 2 and 3, trained once per session in-process. Read it; write only into a copy
+    (``shutil.copytree`` into the test's ``tmp_path``)."""
+    folder = tmp_path_factory.mktemp("snn_tiny_run") / "run"
+    train_tiny_in_process(folder, 2, "--img_size=8")
+    return folder

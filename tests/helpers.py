@@ -114,3 +114,31 @@ def run_cli_cases(script, cases, env=None):
                                              folder, env))
     return [subprocess.CompletedProcess(case["argv"], results[str(i)]["code"], "", results[str(i)]["stderr"])
             for i, case in enumerate(cases)]
+
+
+def snn_stage_in_process(script, *argv):
+    """Stage 2 (``SNN_conversion.py``) or 3 (``SNN_ft.py``) in this process: the library call the
+    script makes of the command line ``argv`` (its real flags and flagfiles, parsed into flag
+    values of their own); returns what the call returns."""
+    from common import flags as cflags
+    values = cflags.values_of(script, argv)
+    if script == "SNN_conversion.py":
+        from snn.conversion import convert_run
+        return convert_run(**cflags.conversion_settings(values))
+    from snn.finetune_run import finetune_run
+    return finetune_run(**cflags.finetune_settings(values))
+
+
+def cli_cases(script, cases, folder):
+    """{case: {"code", "stderr", "open"}} of ``python script *argv`` for each ``{case: argv}``, all
+    run one after the other by one process of ``tests/cli_cases.py`` (``folder``: its files)."""
+    import json
+    cases_path, out_path = os.path.join(folder, "cases.json"), os.path.join(folder, "out.json")
+    with open(cases_path, "w") as f:
+        json.dump(cases, f)
+    proc = subprocess.run([sys.executable, "-m", "tests.cli_cases", script, cases_path, out_path], cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"tests/cli_cases.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    with open(out_path) as f:
+        return json.load(f)

@@ -1,4 +1,6 @@
-"""SNN_conversion.py end to end on a tiny checkpoint in the format ANN_train.py writes."""
+"""Stage 2 (snn/conversion.py, SNN_conversion.py) on a tiny checkpoint in the format ANN_train.py writes:
+one real command line end to end, the one-line errors as command lines run by one process, the
+rest in this process with the settings the script makes of the same command lines."""
 import json
 import os
 import subprocess
@@ -9,7 +11,7 @@ import torch
 
 from model.checkpoint import load_checkpoint, save_atomic
 from common.configs import SNNConfig
-from helpers import unet
+from helpers import cli_cases, snn_stage_in_process, unet
 from snn import SpikingUNet
 from snn.io import load_model
 
@@ -40,7 +42,20 @@ def convert_script(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.fixture(autouse=True)
+def at_the_root(monkeypatch):
+    """The repository root as the working folder, as for ``python SNN_conversion.py`` (flagfiles
+    name the flagfiles they include from there)."""
+    monkeypatch.chdir(ROOT)
+
+
+def convert(*args):
+    """SNN_conversion.py's work for the command line ``args``, in this process: its record."""
+    return snn_stage_in_process("SNN_conversion.py", *args)
+
+
 def test_converts_samples_and_reports(tmp_path):
+    """The one real command line of SNN_conversion.py here, end to end."""
     write_ckpt(tmp_path)
     proc = convert_script(f"--logdir={tmp_path}", "--neuron=signed", "--norm=step", *SMALL_RUN)
     assert proc.returncode == 0, proc.stderr
@@ -77,23 +92,17 @@ ERROR_CASES = {
 
 @pytest.fixture(scope="module")
 def error_runs(tmp_path_factory):
-    """The error cases, run side by side (most of each run is the interpreter starting)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    runs = {}
+    """The error cases as command lines, one after the other in one process (``tests/cli_cases.py``)."""
+    logdirs, cases = {}, {}
     for case, (args, _) in ERROR_CASES.items():
-        logdir = tmp_path_factory.mktemp("logdir")
+        logdirs[case] = logdir = tmp_path_factory.mktemp("logdir")
         if case == "contradicting --bit":
             write_ckpt(logdir)
         elif case == "full-precision checkpoint":
             write_ckpt(logdir, bit=32)
-        command = [sys.executable, os.path.join(ROOT, "SNN_conversion.py"), f"--logdir={logdir}", *args, *SMALL_RUN]
-        runs[case] = (logdir, subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                               stderr=subprocess.PIPE, text=True))
-    results = {}
-    for case, (logdir, proc) in runs.items():
-        stderr = proc.communicate(timeout=300)[1]
-        results[case] = (logdir, proc.returncode, stderr)
-    return results
+        cases[case] = [f"--logdir={logdir}", *args, *SMALL_RUN]
+    outcomes = cli_cases("SNN_conversion.py", cases, str(tmp_path_factory.mktemp("cli")))
+    return {case: (logdirs[case], outcomes[case]["code"], outcomes[case]["stderr"]) for case in cases}
 
 
 @pytest.mark.parametrize("case", list(ERROR_CASES))
@@ -112,8 +121,7 @@ def test_command_line_neuron_overrides_a_flagfiles(tmp_path):
     write_ckpt(tmp_path)
     flagfile = tmp_path / "mode.txt"
     flagfile.write_text("--neuron=graded\n--norm=step\n")
-    proc = convert_script(f"--flagfile={flagfile}", f"--logdir={tmp_path}", "--neuron=if", *SMALL_RUN)
-    assert proc.returncode == 0, proc.stderr
+    convert(f"--flagfile={flagfile}", f"--logdir={tmp_path}", "--neuron=if", *SMALL_RUN)
     assert json.loads((tmp_path / "conversion.json").read_text())["neuron"] == "if"
 
 
@@ -125,9 +133,8 @@ def test_cifar10_flagfiles_convert_in_the_mode_they_name(tmp_path, flagfile, tag
     default one and overrides it) in the binary mode of the seed's paper, or in the signed mode
     of the seed's code, beside it under its tag."""
     write_ckpt(tmp_path)
-    proc = convert_script(f"--flagfile={os.path.join(ROOT, 'config', 'SNN_convert', flagfile)}",
-                          f"--logdir={tmp_path}", "--dataset=shapes", *SMALL_RUN)
-    assert proc.returncode == 0, proc.stderr
+    convert(f"--flagfile={os.path.join(ROOT, 'config', 'SNN_convert', flagfile)}", f"--logdir={tmp_path}",
+            "--dataset=shapes", *SMALL_RUN)
     report = json.loads((tmp_path / f"conversion{tag}.json").read_text())
     assert (report["neuron"], report["norm"]) == mode and report["sampler"] == "ddim"
     assert load_model(str(tmp_path / f"converted_snn{tag}.pt")).snn == SNNConfig(*mode)
@@ -137,8 +144,7 @@ def test_exact_mode_reports_the_float_floor(tmp_path):
     """--neuron=graded --norm=compensated: the float64 SNN is the float64 ANN to rounding, and the
     float32 error is reported beside the ANN's own float32-vs-float64 difference."""
     write_ckpt(tmp_path)
-    proc = convert_script(f"--logdir={tmp_path}", "--neuron=graded", "--norm=compensated", *SMALL_RUN)
-    assert proc.returncode == 0, proc.stderr
+    convert(f"--logdir={tmp_path}", "--neuron=graded", "--norm=compensated", *SMALL_RUN)
     report = json.loads((tmp_path / "conversion.json").read_text())
     assert (report["neuron"], report["norm"]) == ("graded", "compensated")
     assert report["noise_relative_error_float64"] < 1e-12
@@ -147,19 +153,19 @@ def test_exact_mode_reports_the_float_floor(tmp_path):
         {"neuron": "graded", "norm": "compensated"}
 
 
-def test_two_phase_mode_is_exact_with_binary_spikes(tmp_path):
+def test_two_phase_mode_is_exact_with_binary_spikes(tmp_path, capsys):
     """--neuron=two_phase --norm=compensated: exact in float64, spikes in {0, 1} only, latency
     (12 neuron layers on the longest path of this one-level UNet + 1) x 3 steps, and the energy
     split by layer role, the analog layers running once per call (their ANN's energy)."""
     write_ckpt(tmp_path)
-    proc = convert_script(f"--logdir={tmp_path}", "--neuron=two_phase", "--norm=compensated", *SMALL_RUN)
-    assert proc.returncode == 0, proc.stderr
+    convert(f"--logdir={tmp_path}", "--neuron=two_phase", "--norm=compensated", *SMALL_RUN)
+    stdout = capsys.readouterr().out
     report = json.loads((tmp_path / "conversion.json").read_text())
     stats, energy = report["spike_stats"], report["energy"]
     assert report["neuron"] == "two_phase" and report["noise_relative_error_float64"] < 1e-12
     assert report["noise_relative_error"] <= 2 * report["ann_float32_vs_float64"] + 1e-5
     assert stats["multi_spike_fraction"] == 0 and stats["negative_spike_fraction"] == 0
-    assert report["latency_steps"] == 13 * 3 and "latency 39 steps" in proc.stdout
+    assert report["latency_steps"] == 13 * 3 and "latency 39 steps" in stdout
     parts = stats["energy_breakdown"]
     for role in ("head", "shortcut"):  # the up blocks' shortcuts: analog, held
         assert parts[role]["energy_pJ"] == pytest.approx(parts[role]["ann_energy_pJ"]) and parts[role]["energy_pJ"] > 0
@@ -176,8 +182,7 @@ def test_spike_driven_model_reads_analog_values_only_at_its_inputs(tmp_path):
     so that only the head conv and the first time-embedding linear read analog values: its
     shortcuts are folds and its resampling pools, without weights."""
     write_ckpt(tmp_path, spike_driven=True, ch_mult=[1, 2])
-    proc = convert_script(f"--logdir={tmp_path}", "--neuron=two_phase", "--norm=compensated", *SMALL_RUN)
-    assert proc.returncode == 0, proc.stderr
+    convert(f"--logdir={tmp_path}", "--neuron=two_phase", "--norm=compensated", *SMALL_RUN)
     report = json.loads((tmp_path / "conversion.json").read_text())
     layers = [r for r in report["spike_stats"]["layers"] if r["type"] != "neuron"]
     assert {r["name"] for r in layers if r["input"] != "spikes"} == {"head", "time_embedding.timembedding.1"}
@@ -193,8 +198,7 @@ def test_spike_driven_demo_flagfiles(tmp_path):
                "--total_steps=2", "--save_step=2", "--sample_step=0", "--batch_size=2", "--kernels=reference")
     unet_cfg = load_checkpoint(tmp_path / "ckpt.pt")["config"]["unet"]
     assert unet_cfg["spike_driven"] is True and unet_cfg["ch"] == 32 and unet_cfg["num_groups"] == 8
-    proc = convert_script("--flagfile=config/SNN_convert/demo_spike_driven.txt", f"--logdir={tmp_path}",
-                          "--kernels=reference", *SMALL_RUN)
-    assert proc.returncode == 0, proc.stderr
+    convert(f"--flagfile={os.path.join(ROOT, 'config', 'SNN_convert', 'demo_spike_driven.txt')}",
+            f"--logdir={tmp_path}", "--kernels=reference", *SMALL_RUN)
     report = json.loads((tmp_path / "conversion.json").read_text())
     assert (report["neuron"], report["norm"], report["spike_driven"]) == ("two_phase", "compensated", True)

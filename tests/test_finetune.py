@@ -1,7 +1,8 @@
-"""Block-wise fine-tuning (snn/finetune.py, SNN_ft.py)."""
+"""Block-wise fine-tuning (snn/finetune.py) and stage 3 (snn/finetune_run.py, SNN_ft.py)."""
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import torch.nn as nn
 
 from common.configs import FinetuneConfig
 from diffusion import GaussianDiffusion, sample_noise
-from helpers import unet
+from helpers import cli_cases, snn_stage_in_process, unet
 from model.unet import ResBlock
 from quant import QuantReLU
 from diffusion import DDIMSampler
@@ -479,11 +480,11 @@ def test_validation_batch_is_fixed_and_spread():
 
 # --- end to end: SNN_ft.py on a checkpoint trained here ------------------------------------------
 
-TINY_MODEL = ["--dataset=shapes", "--img_size=8", "--ch=32", "--ch_mult=1", "--num_res_blocks=1",
-              "--dropout=0.0", "--bit=2", "--T=100"]
+# the sample judge's 64 images (the default) with 2 DDIM steps instead of 10: its rule holds at any
+# number of steps, and its sampling runs are most of the run's time
 FT_FLAGS = ["--dataset=shapes", "--ft_steps=2", "--batch_size=4", "--val_size=4", "--sample_size=2",
             "--sampler=ddim", "--sample_steps=2", "--num_workers=0", "--lr=0.001", "--log_step=1",
-            "--neuron=if", "--norm=step"]
+            "--neuron=if", "--norm=step", "--judge_steps=2"]
 
 
 def script(name, *args):
@@ -492,22 +493,48 @@ def script(name, *args):
                           capture_output=True, text=True, timeout=300)
 
 
+def stage3(*args):
+    """SNN_ft.py's run of the command line ``args``, in this process."""
+    return snn_stage_in_process("SNN_ft.py", *args)
+
+
 @pytest.fixture(scope="module")
-def trained_logdir(tmp_path_factory):
-    logdir = tmp_path_factory.mktemp("ft") / "run"
-    out = script("ANN_train.py", *TINY_MODEL, "--total_steps=2", "--warmup=1", "--batch_size=4", "--num_workers=0",
-                 "--sample_step=0", "--save_step=2", "--sample_size=4", f"--logdir={logdir}")
-    assert out.returncode == 0, out.stderr[-2000:]
-    return logdir
+def tuned_run(snn_tiny_run, tmp_path_factory):
+    """(a copy of the tiny run after one real ``python SNN_ft.py`` on it, that process)."""
+    logdir = shutil.copytree(snn_tiny_run, tmp_path_factory.mktemp("ft") / "run")
+    return logdir, script("SNN_ft.py", *FT_FLAGS, f"--logdir={logdir}")
+
+
+@pytest.fixture(scope="module")
+def error_outcomes(tuned_run, tmp_path_factory):
+    """{case: {"code", "stderr", ...}} of the command lines that must fail with one line, run by one
+    process: the backpacks' sample-error settings contradicted, the ckpt.pt they started from
+    changed, a calibration batch larger than the data, no checkpoint at all."""
+    logdir = tuned_run[0]
+    work = tmp_path_factory.mktemp("ft_errors")
+    contradicted = shutil.copytree(logdir, work / "contradicted")
+    changed = shutil.copytree(logdir, work / "changed")
+    ckpt = torch.load(changed / "ckpt.pt", weights_only=True)
+    ckpt["step"] += 1  # another checkpoint now: the backpacks no longer belong to it
+    torch.save(ckpt, changed / "ckpt.pt")
+    (work / "empty").mkdir()
+    cases = {"judge_images": [f"--logdir={contradicted}", "--judge_images=3"],
+             "changed": [*FT_FLAGS, f"--logdir={changed}"],
+             "calib_size": [*FT_FLAGS, f"--logdir={contradicted}", "--tag=calib", "--calib_size=20000",
+                            "--judge_images=0"],
+             "no checkpoint": [*FT_FLAGS, f"--logdir={work / 'empty'}"]}
+    outcomes = cli_cases("SNN_ft.py", cases, str(work))
+    return {case: subprocess.CompletedProcess(argv, outcomes[case]["code"], "", outcomes[case]["stderr"])
+            for case, argv in cases.items()}
 
 
 def mtimes(folder):
     return {name: os.stat(os.path.join(folder, name)).st_mtime_ns for name in sorted(os.listdir(folder))}
 
 
-def test_script_end_to_end_resume_and_skip(trained_logdir):
+def test_script_end_to_end_resume_and_skip(tuned_run, error_outcomes, capsys):
     from snn.io import load_model
-    run = script("SNN_ft.py", *FT_FLAGS, f"--logdir={trained_logdir}")
+    trained_logdir, run = tuned_run
     assert run.returncode == 0, run.stderr[-2000:]
     out_dir = trained_logdir / "SNN_2bit_ft"
     result = json.loads((out_dir / "finetune.json").read_text())
@@ -528,8 +555,9 @@ def test_script_end_to_end_resume_and_skip(trained_logdir):
     assert len(os.listdir(out_dir / "ft_blocks_samples")) == n + 2  # + ann.png, converted.png
 
     stamps = mtimes(backpacks)
-    again = script("SNN_ft.py", *FT_FLAGS, f"--logdir={trained_logdir}")
-    assert again.returncode == 0 and "already tuned" in again.stdout
+    capsys.readouterr()
+    stage3(*FT_FLAGS, f"--logdir={trained_logdir}")  # in this process from here on
+    assert "already tuned" in capsys.readouterr().out
     assert mtimes(backpacks) == stamps
 
     # the last backpack lost, the one before it torn by a crash: resumed from the one before that,
@@ -538,11 +566,10 @@ def test_script_end_to_end_resume_and_skip(trained_logdir):
     os.remove(backpacks / names[-1])
     (backpacks / names[-2]).write_bytes((backpacks / names[-2]).read_bytes()[:300])
     os.remove(out_dir / "snn_ft.pt")
-    resumed = script("SNN_ft.py", f"--logdir={trained_logdir}", "--num_workers=0", "--sample_size=2",
-                     "--sampler=ddim", "--sample_steps=2")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "continuing from the backpack before it" in resumed.stdout
-    assert f"{n - 2} block(s) done" in resumed.stdout
+    stage3(f"--logdir={trained_logdir}", "--num_workers=0", "--sample_size=2", "--sampler=ddim", "--sample_steps=2")
+    resumed = capsys.readouterr().out
+    assert "continuing from the backpack before it" in resumed
+    assert f"{n - 2} block(s) done" in resumed
     new_stamps = mtimes(backpacks)
     assert {k: new_stamps[k] for k in names[:-2]} == {k: stamps[k] for k in names[:-2]}
     assert names[-1] in new_stamps and (out_dir / "snn_ft.pt").exists()
@@ -550,13 +577,8 @@ def test_script_end_to_end_resume_and_skip(trained_logdir):
     assert result["finished"] and len(result["blocks"]) == n and result["settings"]["ft_steps"] == 2
 
     # the sample errors stored would not compare with those of another sampling run
-    assert_one_error_line(script("SNN_ft.py", f"--logdir={trained_logdir}", "--judge_images=3"),
-                          "--judge_images=3", "contradicts")
-
-    ckpt = torch.load(trained_logdir / "ckpt.pt", weights_only=True)
-    ckpt["step"] += 1  # another checkpoint now: the backpacks no longer belong to it
-    torch.save(ckpt, trained_logdir / "ckpt.pt")
-    assert_one_error_line(script("SNN_ft.py", *FT_FLAGS, f"--logdir={trained_logdir}"), "has changed", "--restart")
+    assert_one_error_line(error_outcomes["judge_images"], "--judge_images=3", "contradicts")
+    assert_one_error_line(error_outcomes["changed"], "has changed", "--restart")
 
 
 def assert_one_error_line(proc, *words):
@@ -567,11 +589,9 @@ def assert_one_error_line(proc, *words):
     assert all(word in proc.stderr for word in words), proc.stderr
 
 
-def test_script_calibration_batch_larger_than_the_data_is_one_error_line(trained_logdir):
-    proc = script("SNN_ft.py", *FT_FLAGS, f"--logdir={trained_logdir}", "--tag=calib", "--calib_size=20000",
-                  "--judge_images=0")
-    assert_one_error_line(proc, "--calib_size=20000", "at least as many images")
+def test_script_calibration_batch_larger_than_the_data_is_one_error_line(error_outcomes):
+    assert_one_error_line(error_outcomes["calib_size"], "--calib_size=20000", "at least as many images")
 
 
-def test_script_without_checkpoint_is_one_error_line(tmp_path):
-    assert_one_error_line(script("SNN_ft.py", *FT_FLAGS, f"--logdir={tmp_path}"), "no checkpoint", "ckpt.pt")
+def test_script_without_checkpoint_is_one_error_line(error_outcomes):
+    assert_one_error_line(error_outcomes["no checkpoint"], "no checkpoint", "ckpt.pt")

@@ -33,6 +33,7 @@ LAYERS = [
     ["snn.stats", "snn.calibrate", "snn.capture", "snn.agreement"],
     ["snn.finetune"],
     ["snn.io", "snn"],
+    ["snn.conversion", "snn.finetune_run"],
     ["metrics"],
     ["common.flags"],
     ["ANN_train", "SNN_conversion", "SNN_ft", "evaluate", "compute_fid_stats"],

@@ -93,8 +93,8 @@ def test_the_scorer_draws_the_helpers_noise_chunk_by_chunk():
 
 # The functions inside the scripts' runs that draw grid / probe / judge noise: (file, function).
 CALLERS = [("model/train.py", "TrainLoop.create"), ("model/train.py", "TrainLoop.sample_grid"),
-           ("SNN_conversion.py", "sample_pair"), ("SNN_ft.py", "FinetuneRun.sample_grid"),
-           ("SNN_ft.py", "make_sample_error"), ("metrics/evaluation.py", "Evaluation.probe_noise"),
+           ("snn/conversion.py", "sample_pair"), ("snn/finetune_run.py", "FinetuneRun.sample_grid"),
+           ("snn/finetune_run.py", "make_sample_error"), ("metrics/evaluation.py", "Evaluation.probe_noise"),
            ("bench/quality.py", "Scorer.images"), ("bench/energy.py", "measure")]
 
 
