@@ -21,8 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 
-from bench.modes import Bench, stage3
-from common.atomic import atomic_open, write_json
+from bench.modes import Bench, stage3, write_report
 from common.configs import SNNConfig
 from snn.io import load_model, to_snn
 
@@ -96,12 +95,7 @@ def main(argv=None):
             rows.append({**bench.measure(snn, mode), "mode": mode, "variant": label,
                          "stage3": stage3_summary(record)})
             print(json.dumps(rows[-1]), flush=True)
-    text = table(rows, bench.ann_row, args)
-    with atomic_open(args.out + ".md", "w") as f:
-        f.write(text)
-    write_json({"ann": {k: v for k, v in bench.ann_row.items() if k != "images"}, "rows": rows,
-                "settings": vars(args)}, args.out + ".json")
-    print(text)
+    write_report(table(rows, bench.ann_row, args), rows, bench, args)
 
 
 if __name__ == "__main__":

@@ -115,7 +115,12 @@ def main(argv=None):
         for neuron, norm in [(n, m) for n, m in MODES if n != "graded"]:
             rows.append(bench.measure(bench.finetuned(neuron, norm), f"{neuron}, {norm}, fine-tuned"))
             print(json.dumps(rows[-1]), flush=True)
-    text = table(rows, bench.ann_row, args, bench.calls)
+    write_report(table(rows, bench.ann_row, args, bench.calls), rows, bench, args)
+
+
+def write_report(text, rows, bench, args):
+    """``text`` (the Markdown table) to ``args.out``.md, the ANN's and the ``rows``' figures with
+    the settings to ``args.out``.json, both atomically; the table printed."""
     with atomic_open(args.out + ".md", "w") as f:
         f.write(text)
     write_json({"ann": {k: v for k, v in bench.ann_row.items() if k != "images"}, "rows": rows,
