@@ -132,13 +132,4 @@ def snn_stage_in_process(script, *argv):
 def cli_cases(script, cases, folder):
     """{case: {"code", "stderr", "open"}} of ``python script *argv`` for each ``{case: argv}``, all
     run one after the other by one process of ``tests/cli_cases.py`` (``folder``: its files)."""
-    import json
-    cases_path, out_path = os.path.join(folder, "cases.json"), os.path.join(folder, "out.json")
-    with open(cases_path, "w") as f:
-        json.dump(cases, f)
-    proc = subprocess.run([sys.executable, "-m", "tests.cli_cases", script, cases_path, out_path], cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise AssertionError(f"tests/cli_cases.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    with open(out_path) as f:
-        return json.load(f)
+    return cases_results(*start_cases(script, cases, folder))
