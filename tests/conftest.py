@@ -6,6 +6,18 @@ import shutil
 
 import pytest
 
+
+def _threads_per_worker():
+    """Under pytest-xdist, each of the N workers (and the processes it starts) gets its share of
+    the cores, unless OMP_NUM_THREADS is set already: two workers of two threads each on two cores
+    would spend a third of the suite waiting on each other's threads."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
+
+
+_threads_per_worker()  # before torch is imported: its thread pool reads OMP_NUM_THREADS once
+
 from helpers import TINY_TRAIN, train_in_process, train_tiny_in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
