@@ -11,18 +11,14 @@ Inception, grayscale repeated to three channels, or the shapes network for the e
 name (``features``), and is written atomically; its path is checked before any feature is computed.
 The work is ``metrics.fid_stats.compute_fid_stats``.
 """
-from absl import flags
-
-from common import configs
 from common import flags as cflags
 from metrics.fid_stats import compute_fid_stats
 
 cflags.flags_of("compute_fid_stats.py")
-FLAGS = flags.FLAGS
 
 
 def main(argv):
-    compute_fid_stats(cflags.wanted(configs.FidStatsConfig), dataset=FLAGS.dataset, data_dir=FLAGS.data_dir)
+    compute_fid_stats(**cflags.fid_stats_settings())
 
 
 if __name__ == "__main__":

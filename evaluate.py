@@ -11,20 +11,14 @@ the PSNR between SNN and ANN samples drawn from the same noise. One JSON line pe
 appended to ``<logdir>/snn_eval.txt`` (``docs/formats.md``). The run is
 ``metrics.evaluation.evaluate``.
 """
-from absl import flags
-
-from common import configs
 from common import flags as cflags
 from metrics.evaluation import evaluate
 
 cflags.flags_of("evaluate.py")
-FLAGS = flags.FLAGS
 
 
 def main(argv):
-    evaluate(cflags.wanted(configs.EvalConfig), cflags.config_from_flags(configs.SamplerConfig),
-             logdir=cflags.logdir(), model=cflags.wanted_model(), given=cflags.given(), kernels=cflags.kernels(),
-             parallel=FLAGS.parallel)
+    evaluate(**cflags.evaluation_settings())
 
 
 if __name__ == "__main__":

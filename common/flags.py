@@ -6,8 +6,9 @@ the field's domain is refused while the command line is parsed, before any work 
 one line naming the flag, the value and what would be valid. Two configs of one script that
 define the same name must define the same flag (one flag), else importing the script fails.
 
-Flags become configs here and only here (``config_from_flags``, ``model_config``, ...): what
-counts as given is what absl saw on the command line or in a flagfile. How a checkpoint's
+Flags become configs here and only here: ``<stage>_settings`` turns a script's flags into the
+keyword arguments of its one library call (``train_settings`` for ``model.train.train``, ...);
+what counts as given is what absl saw on the command line or in a flagfile. How a checkpoint's
 stored config and the given flags combine is ``common.configs``'s. Nothing writes into FLAGS.
 
     python -m common.flags --markdown > docs/flags.md
@@ -162,29 +163,6 @@ def wanted(cls, flag_values=FLAGS):
     return cls(**values)
 
 
-def config_from_flags(cls, stored=None, source=None, fixed=None, hint=""):
-    """``cls`` from the flags, over ``stored`` (``configs.resolve``: a given flag that contradicts a
-    field in ``fixed`` is a ``UserError``)."""
-    return configs.resolve(stored, wanted(cls), given(), source, fixed, hint)
-
-
-def model_config(stored=None, source=None):
-    """The ``ModelConfig`` the flags describe, or ``stored`` checked against the given flags."""
-    parts = {f.name: wanted(f.default_factory) for f in dataclasses.fields(configs.ModelConfig)}
-    return configs.model_config(configs.ModelConfig(**parts), given(), stored, source)
-
-
-def snn_config(stored=None, source=None):
-    """``SNNConfig`` from ``--neuron`` and ``--norm``, over ``stored``: a given flag that contradicts it
-    is a ``UserError``."""
-    return config_from_flags(configs.SNNConfig, stored, source, hint=" (or --restart)")
-
-
-def sampler_config(T):
-    """``SamplerConfig`` from the flags, with ``--sample_steps`` checked against the diffusion's ``T``."""
-    return configs.sampler_config(config_from_flags(configs.SamplerConfig), T)
-
-
 def _stage_settings(flag_values, **classes):
     """The keyword arguments of stage 2's and stage 3's library call: the wanted model, the names
     given, the run folder, the runtime (``kernels()`` applied) and ``{name: wanted(cls)}``."""
@@ -217,11 +195,6 @@ def values_of(script, argv):
     return values
 
 
-def tagged(name):
-    """``name`` with ``_<--tag>`` appended (before its extension), or ``name`` without a tag."""
-    return configs.tagged(name, FLAGS.tag)
-
-
 @functools.lru_cache(maxsize=None)
 def _parallel_kernels_note(kernels):
     print(f"note: --kernels={kernels} is not used with --parallel (DataParallel); torchrun runs the compiled kernels")
@@ -233,11 +206,6 @@ def kernels(flag_values=FLAGS):
         _parallel_kernels_note(flag_values.kernels)  # once per process
         return "reference"
     return flag_values.kernels
-
-
-def logdir():
-    """``--logdir``, or the seed's default name for ``--bit``."""
-    return wanted(configs.RuntimeConfig).folder(FLAGS.bit)
 
 
 def wanted_model(flag_values=FLAGS):
@@ -255,6 +223,20 @@ def train_settings(flag_values=FLAGS):
             "run_cfg": of(configs.TrainRunConfig), "logdir": runtime_cfg.folder(flag_values.bit),
             "given": given(flag_values), "sampler_cfg": of(configs.SamplerConfig), "loader_cfg": of(configs.LoaderConfig),
             "runtime_cfg": runtime_cfg, "flags_text": flag_values.flags_into_string()}
+
+
+def evaluation_settings(flag_values=FLAGS):
+    """evaluate.py's flags as the arguments of ``metrics.evaluation.evaluate``."""
+    return {"cfg": wanted(configs.EvalConfig, flag_values), "sampler_cfg": wanted(configs.SamplerConfig, flag_values),
+            "logdir": wanted(configs.RuntimeConfig, flag_values).folder(flag_values.bit),
+            "model": wanted_model(flag_values), "given": given(flag_values), "kernels": kernels(flag_values),
+            "parallel": flag_values.parallel}
+
+
+def fid_stats_settings(flag_values=FLAGS):
+    """compute_fid_stats.py's flags as the arguments of ``metrics.fid_stats.compute_fid_stats``."""
+    return {"cfg": wanted(configs.FidStatsConfig, flag_values), "dataset": flag_values.dataset,
+            "data_dir": flag_values.data_dir}
 
 
 # docs/flags.md --------------------------------------------------------------------------------

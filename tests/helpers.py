@@ -88,16 +88,31 @@ def run_cases_two_at_a_time(cases_by_script, folder, env=None):
     return results
 
 
-def train_in_process(*argv):
-    """``model.train.train`` with the arguments ANN_train.py makes of ``argv`` (its real flags, parsed
-    into a FlagValues of their own), in this process; its lines go to stdout as the script's do."""
-    from absl import flags
+def stage_in_process(script, *argv):
+    """The library call ``script`` (one of the five) makes of the command line ``argv`` (its real
+    flags and flagfiles, parsed by absl into flag values of their own), in this process; its lines
+    go to stdout as the script's do. Returns what the call returns."""
     from common import flags as cflags
-    from model.train import train
-    values = flags.FlagValues()
-    cflags.flags_of("ANN_train.py", values)
-    values(["ANN_train.py", *argv])
-    train(**cflags.train_settings(values))
+    values = cflags.values_of(script, argv)
+    if script == "ANN_train.py":
+        from model.train import train
+        return train(**cflags.train_settings(values))
+    if script == "SNN_conversion.py":
+        from snn.conversion import convert_run
+        return convert_run(**cflags.conversion_settings(values))
+    if script == "SNN_ft.py":
+        from snn.finetune_run import finetune_run
+        return finetune_run(**cflags.finetune_settings(values))
+    if script == "evaluate.py":
+        from metrics.evaluation import evaluate
+        return evaluate(**cflags.evaluation_settings(values))
+    from metrics.fid_stats import compute_fid_stats
+    return compute_fid_stats(**cflags.fid_stats_settings(values))
+
+
+def train_in_process(*argv):
+    """Stage 1 (``model.train.train``) of the command line ``argv`` of ANN_train.py, in this process."""
+    return stage_in_process("ANN_train.py", *argv)
 
 
 def train_tiny_in_process(logdir, steps=3, *extra):
@@ -114,19 +129,6 @@ def run_cli_cases(script, cases, env=None):
                                              folder, env))
     return [subprocess.CompletedProcess(case["argv"], results[str(i)]["code"], "", results[str(i)]["stderr"])
             for i, case in enumerate(cases)]
-
-
-def snn_stage_in_process(script, *argv):
-    """Stage 2 (``SNN_conversion.py``) or 3 (``SNN_ft.py``) in this process: the library call the
-    script makes of the command line ``argv`` (its real flags and flagfiles, parsed into flag
-    values of their own); returns what the call returns."""
-    from common import flags as cflags
-    values = cflags.values_of(script, argv)
-    if script == "SNN_conversion.py":
-        from snn.conversion import convert_run
-        return convert_run(**cflags.conversion_settings(values))
-    from snn.finetune_run import finetune_run
-    return finetune_run(**cflags.finetune_settings(values))
 
 
 def cli_cases(script, cases, folder):

@@ -11,7 +11,7 @@ import torch
 
 from model.checkpoint import load_checkpoint, save_atomic
 from common.configs import SNNConfig
-from helpers import cli_cases, snn_stage_in_process, unet
+from helpers import cli_cases, stage_in_process, unet
 from snn import SpikingUNet
 from snn.io import load_model
 
@@ -51,7 +51,7 @@ def at_the_root(monkeypatch):
 
 def convert(*args):
     """SNN_conversion.py's work for the command line ``args``, in this process: its record."""
-    return snn_stage_in_process("SNN_conversion.py", *args)
+    return stage_in_process("SNN_conversion.py", *args)
 
 
 def test_converts_samples_and_reports(tmp_path):

@@ -1,30 +1,28 @@
 """MNIST, Fashion-MNIST, CelebA and a folder of images, read from small files written here in the
-layout torchvision expects, and each trained, converted and evaluated through the real command lines.
+layout torchvision expects, and each trained, converted and evaluated with its flagfiles.
 
 The files: MNIST's idx files under ``<root>/MNIST/raw/`` (``FashionMNIST/raw/`` likewise),
 CelebA's ``celeba/img_align_celeba/*.jpg`` and ``list_eval_partition.txt``, and a nested folder
 of PNG and JPEG files of odd sizes, one of them grayscale. Pixels written at known places are
 checked where the transforms must put them. Every dataset trains with its flagfile (2 steps of a
 tiny UNet given on the command line; MNIST's flagfile as it is, 1 step of its batch of 128),
-converts (which samples) and evaluates a few images.
+converts (which samples) and evaluates a few images. The stages run in this process, each the
+library call its script makes of the command line (its flagfile parsed by absl).
 """
 import json
 import os
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import evaluate
 from common import runtime
 from model import data
 from model.checkpoint import load_checkpoint
 from common.errors import UserError
-from helpers import ROOT
+from helpers import stage_in_process
 from metrics import inception, scores, shards
 from test_metrics import inception_home  # noqa: F401 (fixture)
 
@@ -259,23 +257,6 @@ def test_the_channels_follow_the_dataset_unless_given():
 
 # -- the four stages through the command line ----------------------------------------------------
 
-def side_by_side(commands, env=None):
-    """Run ``{key: [script, args...]}`` from the repository root two at a time (two cores), with
-    ``env`` added to the environment; every one must succeed. Returns {key: stdout}."""
-    outputs, waiting = {}, list(commands.items())
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    while waiting:
-        running = [(key, subprocess.Popen([sys.executable, *cmd], cwd=ROOT, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True, env=env))
-                   for key, cmd in waiting[:2]]
-        waiting = waiting[2:]
-        for key, proc in running:
-            stdout, stderr = proc.communicate(timeout=600)
-            assert proc.returncode == 0, f"{key}: {commands[key]}\n{stdout}\n{stderr}"
-            outputs[key] = stdout
-    return outputs
-
-
 def train_command(name, data_dir, logdir):
     """Stage 1 with the dataset's flagfile: MNIST's exactly as it is (the flagfile's UNet and batch),
     the others with a tiny UNet."""
@@ -294,20 +275,22 @@ def convert_command(name, data_dir, logdir):
 def runs(roots, inception_home, tmp_path_factory):
     """{dataset: run folder} after stage 1 (2 steps, MNIST 1 step of its flagfile as it is) and
     stage 2; Fashion-MNIST also through stage 3 (one step per block) and with the Inception
-    statistics (random weights) of its first 8 training images in ``stats.npz``."""
+    statistics (random weights) of its first 8 training images in ``stats.npz``. Each stage is
+    the library call its script makes of the command line (flagfiles parsed by absl), in this process."""
     dirs, _ = roots
     logdirs = {name: tmp_path_factory.mktemp(name) for name in FLAGFILES}
-    order = ["mnist", "celeba", "fashion_mnist", "folder"]   # the long MNIST step beside the tiny runs
-    side_by_side({name: train_command(name, dirs[name], logdirs[name]) for name in order})
-    second = {name: convert_command(name, dirs[name], logdirs[name]) for name in order}
+    for name in FLAGFILES:
+        stage_in_process(*train_command(name, dirs[name], logdirs[name]))
+    for name in FLAGFILES:
+        stage_in_process(*convert_command(name, dirs[name], logdirs[name]))
     fashion = [f"--data_dir={dirs['fashion_mnist']}", "--num_workers=0", "--kernels=reference"]
-    second["finetune"] = ["SNN_ft.py", "--flagfile=config/SNN_ft/FashionMNIST_snnft.txt", *fashion,
-                          f"--logdir={logdirs['fashion_mnist']}", "--ft_steps=1", "--batch_size=2", "--val_size=2",
-                          "--sample_size=2", "--sample_steps=2", "--calib_size=8",
-                              "--judge_images=2", "--judge_steps=2"]
-    second["stats"] = ["compute_fid_stats.py", "--dataset=fashion_mnist", f"--data_dir={dirs['fashion_mnist']}",
-                       "--num_images=8", "--batch_size=8", f"--out={logdirs['fashion_mnist'] / 'stats.npz'}"]
-    side_by_side(second, env={"TORCH_HOME": inception_home})
+    stage_in_process("SNN_ft.py", "--flagfile=config/SNN_ft/FashionMNIST_snnft.txt", *fashion,
+                     f"--logdir={logdirs['fashion_mnist']}", "--ft_steps=1", "--batch_size=2", "--val_size=2",
+                     "--sample_size=2", "--sample_steps=2", "--calib_size=8", "--judge_images=2", "--judge_steps=2")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_HOME", inception_home)
+        stage_in_process("compute_fid_stats.py", "--dataset=fashion_mnist", f"--data_dir={dirs['fashion_mnist']}",
+                         "--num_images=8", "--batch_size=8", f"--out={logdirs['fashion_mnist'] / 'stats.npz'}")
     return logdirs
 
 
@@ -351,12 +334,8 @@ def test_a_grayscale_snn_fine_tunes(runs):
 
 
 def evaluate_run(*args):
-    """``python evaluate.py args`` in this process; returns the last snn_eval.txt record."""
-    evaluate.FLAGS.unparse_flags()
-    evaluate.FLAGS(["evaluate.py", *args])
-    evaluate.main([])
-    with open(os.path.join(evaluate.FLAGS.logdir, "snn_eval.txt")) as f:
-        return json.loads(f.read().splitlines()[-1])
+    """Stage 4 of ``python evaluate.py args``, in this process; returns the record it appended to snn_eval.txt."""
+    return stage_in_process("evaluate.py", *args)
 
 
 @pytest.mark.parametrize("name", list(FLAGFILES))

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from common.configs import FinetuneConfig
 from diffusion import GaussianDiffusion, sample_noise
-from helpers import cli_cases, snn_stage_in_process, unet
+from helpers import cli_cases, stage_in_process, unet
 from model.unet import ResBlock
 from quant import QuantReLU
 from diffusion import DDIMSampler
@@ -495,7 +495,7 @@ def script(name, *args):
 
 def stage3(*args):
     """SNN_ft.py's run of the command line ``args``, in this process."""
-    return snn_stage_in_process("SNN_ft.py", *args)
+    return stage_in_process("SNN_ft.py", *args)
 
 
 @pytest.fixture(scope="module")

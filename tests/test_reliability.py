@@ -6,11 +6,14 @@
   not be written, the previous file is intact and no temporary file is left.
 * One run writes into a folder at a time; a lock left by a killed run is taken over.
 
-The scripts run as a user runs them; write faults are injected by ``tests/fault_run.py`` (several
-faults of one script in one process through ``tests/cli_cases.py``, each a command line of its own).
+Write faults and two training runs on one folder go through the command line as a user's would:
+faults are injected by ``tests/fault_run.py`` (several faults of one script in one process through
+``tests/cli_cases.py``, each a command line of its own). The run the tests share and the locks of
+stages 2 to 4 are the scripts' library calls in this process.
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,7 +27,8 @@ import torch
 from model import checkpoint
 from common.errors import UserError
 from common.lock import LOCK_NAME, folder_lock
-from helpers import ROOT, TINY_TRAIN, assert_one_line_error, run_cases_two_at_a_time, run_script, train_tiny
+from helpers import (ROOT, TINY_TRAIN, assert_one_line_error, run_cases_two_at_a_time, run_script, stage_in_process,
+                     train_tiny_in_process)
 from metrics import scores, shards
 from metrics.report import append_jsonl
 from test_metrics import inception_home  # noqa: F401 (fixture)
@@ -59,12 +63,12 @@ def temporaries(folder):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A run folder with a 2-step tiny checkpoint, its converted SNN and one evaluation."""
+    """A run folder with a 2-step tiny checkpoint, its converted SNN and one evaluation (made in this process)."""
     logdir = tmp_path_factory.mktemp("run")
-    train_tiny(logdir, 2)
-    run_script("SNN_conversion.py", f"--logdir={logdir}", "--sample_size=2", "--val_size=4", "--sampler=ddim",
-               "--sample_steps=2", "--num_workers=0")
-    run_script("evaluate.py", f"--eval_model_path={logdir}/converted_snn.pt", f"--logdir={logdir}", *TINY_EVAL)
+    train_tiny_in_process(logdir, 2)
+    stage_in_process("SNN_conversion.py", f"--logdir={logdir}", "--sample_size=2", "--val_size=4", "--sampler=ddim",
+                     "--sample_steps=2", "--num_workers=0")
+    stage_in_process("evaluate.py", f"--eval_model_path={logdir}/converted_snn.pt", f"--logdir={logdir}", *TINY_EVAL)
     return logdir
 
 
@@ -223,7 +227,9 @@ def wait_for_lock(folder, proc, timeout=120):
     raise AssertionError(f"{proc.args} did not take {path}")
 
 
-def test_two_training_runs_on_one_logdir_and_a_killed_one(tmp_path):
+def test_two_training_runs_on_one_logdir_and_a_killed_one(tmp_path, capsys):
+    """The second run through the command line, refused in one line; after a kill -9 of the
+    first, a third run (in this process) takes the lock over."""
     logdir = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "ANN_train.py", *TINY_TRAIN, f"--logdir={logdir}",
                               "--total_steps=100000", "--save_step=100000"], cwd=ROOT, env=env(),
@@ -238,37 +244,40 @@ def test_two_training_runs_on_one_logdir_and_a_killed_one(tmp_path):
         first.send_signal(signal.SIGKILL)
         first.wait()
     assert os.path.getsize(logdir / LOCK_NAME) > 0  # a killed run cannot clean up
-    third = run_script("ANN_train.py", *TINY_TRAIN, f"--logdir={logdir}", "--total_steps=2", "--save_step=2")
-    assert f"was left by process {first.pid}" in third.stdout and "taking it over" in third.stdout
+    capsys.readouterr()
+    train_tiny_in_process(logdir, 2)
+    third = capsys.readouterr().out
+    assert f"was left by process {first.pid}" in third and "taking it over" in third
     assert checkpoint.load_checkpoint(str(logdir / "ckpt.pt"))["step"] == 2
     assert not (logdir / LOCK_NAME).exists()
 
 
-def test_each_stage_locks_the_folder_it_writes_and_reading_stays_possible(tmp_path, trained):
+def test_each_stage_locks_the_folder_it_writes_and_reading_stays_possible(tmp_path, trained, capsys):
     """While another process holds the run folder, conversion (which writes there) is refused and
     evaluation (which writes its own shard folder) works; while that shard folder is held, a
-    finished evaluation is scored again from its shards, and a new one is refused."""
+    finished evaluation is scored again from its shards, and a new one is refused. The stages run
+    in this process (a ``flock`` taken through a second open file conflicts here too); two
+    training runs on one folder through the command line are the test above."""
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom common.lock import folder_lock\n"
                                f"with folder_lock({str(trained)!r}):\n    print('held', flush=True)\n"
                                "    time.sleep(300)"], cwd=ROOT, env=env(), stdout=subprocess.PIPE, text=True)
+    evaluation = [f"--eval_model_path={trained}/converted_snn.pt", f"--logdir={trained}"]
     try:
         assert holder.stdout.readline().strip() == "held"
-        proc = run_script("SNN_conversion.py", f"--logdir={trained}", "--sample_size=2", "--val_size=4", check=False)
-        assert_one_line_error(proc, f"{trained} is in use by process {holder.pid}")
-        again = run_script("evaluate.py", f"--eval_model_path={trained}/converted_snn.pt", f"--logdir={trained}",
-                           *TINY_EVAL)
-        assert "appended to" in again.stdout
+        with pytest.raises(UserError, match=re.escape(f"{trained} is in use by process {holder.pid} ")):
+            stage_in_process("SNN_conversion.py", f"--logdir={trained}", "--sample_size=2", "--val_size=4")
+        capsys.readouterr()
+        stage_in_process("evaluate.py", *evaluation, *TINY_EVAL)
+        assert "appended to" in capsys.readouterr().out
     finally:
         holder.kill()
         holder.wait()
     shard_folder = next(trained.glob("eval_converted_snn_*"))
     with folder_lock(str(shard_folder)):  # this test process writes there now
-        again = run_script("evaluate.py", f"--eval_model_path={trained}/converted_snn.pt", f"--logdir={trained}",
-                           *TINY_EVAL)
-        assert '"shards_reused": 2' in again.stdout
-        more = run_script("evaluate.py", f"--eval_model_path={trained}/converted_snn.pt", f"--logdir={trained}",
-                          *TINY_EVAL[:2], "--num_images=12", *TINY_EVAL[3:], check=False)
-        assert_one_line_error(more, f"{shard_folder} is in use by process {os.getpid()}")
+        record = stage_in_process("evaluate.py", *evaluation, *TINY_EVAL)
+        assert (record["shards_reused"], record["shards_made"]) == (2, 0)
+        with pytest.raises(UserError, match=re.escape(f"{shard_folder} is in use by process {os.getpid()} ")):
+            stage_in_process("evaluate.py", *evaluation, *TINY_EVAL[:2], "--num_images=12", *TINY_EVAL[3:])
 
 
 def test_runs_appending_to_one_record_file_lose_no_line(tmp_path):
