@@ -3,7 +3,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torchvision.utils import make_grid, save_image
 
 from common.atomic import atomic_open
 
@@ -24,6 +23,7 @@ def enlarge(x, min_pixels=MIN_PIXELS):
 
 def save_grid(x, path, nrow=None):
     """Save images [B, 3, H, W] in [-1, 1] as one enlarged grid PNG, atomically."""
+    from torchvision.utils import save_image  # torchvision takes ~1.5 s to import: only where a grid is saved
     nrow = nrow or max(1, int(round(x.shape[0] ** 0.5)))
     with atomic_open(path) as f:
         save_image(to_unit(enlarge(x.float().cpu())), f, nrow=nrow, padding=4, format="png")
@@ -31,6 +31,7 @@ def save_grid(x, path, nrow=None):
 
 def side_by_side(left, right, nrow=None):
     """One image [1, 3, H', W'] in [-1, 1]: two enlarged grids next to each other with a white gap."""
+    from torchvision.utils import make_grid
     nrow = nrow or max(1, int(round(left.shape[0] ** 0.5)))
     a = make_grid(enlarge(left.float().cpu()), nrow=nrow, padding=4, pad_value=1.0)
     b = make_grid(enlarge(right.float().cpu()), nrow=nrow, padding=4, pad_value=1.0)

@@ -1,6 +1,8 @@
 """Embedded shapes data and the torchvision CIFAR-10 path (with a folder the test makes)."""
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import torch
 from common import runtime
 from model import data
 from common.errors import UserError
+from helpers import ROOT
 
 
 def test_shapes_are_deterministic_and_varied():
@@ -33,6 +36,28 @@ def test_shapes_dataset_range_and_random_flip():
     kept = torch.tensor([torch.equal(f, b) for f, b in zip(flipped, batch)])
     assert bool((mirrored | kept).all()) and 16 < int(mirrored.sum()) < 48
     assert torch.equal(flipped, data.random_flip(batch, torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("size", [8, 16, 32])
+def test_shapes_tensors_are_torchvisions_bit_for_bit(size):
+    """The shapes' own conversion is torchvision's ToTensor and Normalize(0.5, 0.5), exactly."""
+    from PIL import Image
+    from torchvision import transforms
+    theirs = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
+    ds = data.load_dataset("shapes", None, img_size=size)
+    for i in (0, 1, 5, 100):
+        x = ds[i][0]
+        assert x.dtype == torch.float32 and torch.equal(x, theirs(Image.fromarray(data.draw_shape(i, size))))
+
+
+def test_shapes_and_the_stages_need_no_torchvision():
+    """torchvision (~1.5 s to import) is imported for the sets read from files and for image
+    grids only: a process that loads the stages' modules and the shapes starts without it."""
+    code = ("import sys\nimport model.train, snn.conversion, snn.finetune_run, metrics.evaluation, metrics.fid_stats\n"
+            "from model import data\ndata.load_dataset('shapes', None, 16)[0]\n"
+            "print(sorted(m for m in sys.modules if m.startswith('torchvision'))[:3])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
 def test_shape_attributes_are_what_is_drawn():
@@ -98,7 +123,7 @@ def test_missing_cifar10_is_one_clear_error(tmp_path, monkeypatch):
 
 def test_training_batches_cycle_and_check_sizes():
     rt = runtime.Runtime(device=torch.device("cpu"))
-    ds = data.ShapesDataset(length=10, transform=data.to_tensor(32))
+    ds = data.ShapesDataset(length=10, transform=data.to_unit_tensor)
     batches = data.training_batches(ds, 4, rt)
     shapes = [next(batches).shape for _ in range(5)]  # more batches than one epoch holds
     assert all(s == (4, 3, 32, 32) for s in shapes)

@@ -22,7 +22,7 @@ LAYERS = [
     ["common.configs"],
     ["quant"],
     ["model", "model.unet"],
-    ["model.build", "model.ema", "model.data", "model.images", "model.checkpoint", "diffusion"],
+    ["model.build", "model.ema", "model.image_sets", "model.data", "model.images", "model.checkpoint", "diffusion"],
     ["schedulers", "model.train"],
     ["snn.steps"],
     ["snn.fused"],
