@@ -1,22 +1,16 @@
-"""Run one of the scripts as a user would, with a write fault injected: a test helper.
+"""Write faults injected into a script's run: a test helper.
 
-    python -m tests.fault_run FAULT NAME NTH SCRIPT [ARGS ...]      (from the repository root)
-
-The ``NTH`` file (1 = the first) whose name contains ``NAME`` and that is written through a
-temporary file fails: ``enospc`` raises ``OSError(ENOSPC)`` half way through its first write
+``injected(fault, name, nth)``: while its ``with`` block runs, the ``NTH`` file (1 = the first)
+whose name contains ``NAME`` and that is written through a temporary file fails: ``enospc`` raises ``OSError(ENOSPC)`` half way through its first write
 (a full disk), ``erofs`` raises ``OSError(EROFS)`` when its temporary file is created (a
 read-only folder), ``vanish`` deletes the file's folder during its first write (a folder that
-disappeared). Everything else runs as ``python SCRIPT ARGS``.
-
-``injected(fault, name, nth)`` is the same fault for the duration of a ``with`` block
-(``tests/cli_cases.py`` runs each of its cases under one).
+disappeared); everything else is written as usual. ``tests/cli_cases.py`` runs a script's
+command line under one (``{"argv": [...], "fault": [FAULT, NAME, NTH]}``).
 """
 import contextlib
 import errno
 import os
-import runpy
 import shutil
-import sys
 import tempfile
 
 _real_mkstemp, _real_fdopen = tempfile.mkstemp, os.fdopen
@@ -97,9 +91,3 @@ def injected(fault, name, nth):
         _active.clear()
         tempfile.mkstemp, os.fdopen = _real_mkstemp, _real_fdopen
 
-
-if __name__ == "__main__":
-    FAULT, NAME, NTH, SCRIPT = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    sys.argv = [SCRIPT, *sys.argv[5:]]
-    with injected(FAULT, NAME, NTH):
-        runpy.run_path(SCRIPT, run_name="__main__")

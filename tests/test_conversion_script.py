@@ -192,10 +192,9 @@ def test_spike_driven_model_reads_analog_values_only_at_its_inputs(tmp_path):
 
 def test_spike_driven_demo_flagfiles(tmp_path):
     """config/*/demo_spike_driven.txt: the demo's model with --spike_driven, stored in its
-    checkpoint, converted into two-phase neurons with compensated GroupNorm."""
-    from helpers import run_script
-    run_script("ANN_train.py", "--flagfile=config/train_ANN/demo_spike_driven.txt", f"--logdir={tmp_path}",
-               "--total_steps=2", "--save_step=2", "--sample_step=0", "--batch_size=2", "--kernels=reference")
+    checkpoint, converted into two-phase neurons with compensated GroupNorm (both stages in this process)."""
+    stage_in_process("ANN_train.py", "--flagfile=config/train_ANN/demo_spike_driven.txt", f"--logdir={tmp_path}",
+                     "--total_steps=2", "--save_step=2", "--sample_step=0", "--batch_size=2", "--kernels=reference")
     unet_cfg = load_checkpoint(tmp_path / "ckpt.pt")["config"]["unet"]
     assert unet_cfg["spike_driven"] is True and unet_cfg["ch"] == 32 and unet_cfg["num_groups"] == 8
     convert(f"--flagfile={os.path.join(ROOT, 'config', 'SNN_convert', 'demo_spike_driven.txt')}",

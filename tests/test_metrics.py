@@ -6,8 +6,6 @@ The numbers are meaningless; the properties tested hold for any weights.
 """
 import json
 import os
-import subprocess
-import sys
 import urllib.error
 
 import numpy as np
@@ -20,10 +18,10 @@ from torchvision.models import inception as tv_inception
 
 from model.data import draw_shape
 from common.errors import UserError
+from helpers import stage_in_process
 from metrics import inception, scores, shards
 from metrics.report import append_jsonl, psnr
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def random_inception_state(seed=0):
@@ -164,12 +162,10 @@ def test_statistics_of_another_network_are_refused(tmp_path):
 
 
 def test_stats_command_writes_statistics_that_load_back(torch_home, shape_features, tmp_path):
+    """compute_fid_stats.py's library call of its command line, in this process."""
     out = str(tmp_path / "stats" / "shapes.train.npz")
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, "compute_fid_stats.py", "--dataset=shapes", "--num_images=4",
-                           "--batch_size=4", "--features=inception", f"--out={out}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    stage_in_process("compute_fid_stats.py", "--dataset=shapes", "--num_images=4", "--batch_size=4",
+                     "--features=inception", f"--out={out}")
     net = scores.FeatureNet(scores.INCEPTION_NAME, inception.FID_DIM, None, False)
     mu, sigma = scores.load_stats(out, net)
     assert mu.shape == (2048,) and sigma.shape == (2048, 2048)

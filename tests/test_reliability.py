@@ -14,6 +14,7 @@ stages 2 to 4 are the scripts' library calls in this process.
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,12 +50,6 @@ class ShellCommand:
 
 def env(**extra):
     return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
-
-
-def with_fault(fault, name, nth, script, *args, extra_env=None):
-    """``python script args`` with the ``nth`` write of a file named like ``name`` failing (``fault_run``)."""
-    return subprocess.run([sys.executable, "-m", "tests.fault_run", fault, name, str(nth), script, *args],
-                          cwd=ROOT, env=env(**(extra_env or {})), capture_output=True, text=True, timeout=600)
 
 
 def temporaries(folder):
@@ -133,60 +128,81 @@ def test_checkpoints_of_every_earlier_format_load_as_data(tmp_path, trained):
 
 # -- faults while writing ---------------------------------------------------------------------
 
-def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_previous(tmp_path):
-    logdir = tmp_path / "run"
-    proc = with_fault("enospc", "ckpt.pt", 2, "ANN_train.py", *TINY_TRAIN, f"--logdir={logdir}",
-                      "--total_steps=2", "--save_step=1")
-    assert_one_line_error(proc, f"could not write {logdir}/ckpt.pt", "No space left on device",
-                          "the previous version there is intact")
+# (fault, name, nth, script, arguments, words of the error line); {copy}: a copy of the shared run,
+# {new}: a folder that does not exist yet
+FAULTS = {
+    "full disk, second checkpoint": (
+        "enospc", "ckpt.pt", 2, "ANN_train.py", [*TINY_TRAIN, "--logdir={new}", "--total_steps=2", "--save_step=1"],
+        ["could not write {new}/ckpt.pt", "No space left on device", "the previous version there is intact"]),
+    "read-only, checkpoint": (
+        "erofs", "ckpt.pt", 1, "ANN_train.py", [*TINY_TRAIN, "--logdir={new}", "--total_steps=1"],
+        ["{new}/ckpt.pt", "Read-only file system", "nothing was written there"]),
+    "vanished, checkpoint": (
+        "vanish", "ckpt.pt", 2, "ANN_train.py", [*TINY_TRAIN, "--logdir={new}", "--total_steps=2", "--save_step=1"],
+        ["{new}/ckpt.pt", "no longer exists"]),
+    "full disk, sample grid": (
+        "enospc", "png", 1, "ANN_train.py", [*TINY_TRAIN, "--logdir={new}", "--total_steps=1", "--sample_step=1",
+                                             "--sample_size=2", "--sampler=ddim", "--sample_steps=2"],
+        ["{new}/sample/1.png", "No space left"]),
+    "full disk, backpack": (
+        "enospc", "block_", 2, "SNN_ft.py", ["--logdir={copy}", "--ft_steps=1", "--batch_size=2", "--val_size=4",
+                                             "--sample_size=0", "--num_workers=0", "--neuron=if", "--norm=step"],
+        ["model_backpacks/block_01_head.pt", "nothing was written there"]),
+    "full disk, conversion record": (
+        "enospc", "conversion.json", 1, "SNN_conversion.py", ["--logdir={copy}", "--sample_size=2", "--val_size=4",
+                                                              "--sampler=ddim", "--sample_steps=2"],
+        ["{copy}/conversion.json", "the previous version there is intact"]),
+    "full disk, shard": (
+        "enospc", "shard_", 1, "evaluate.py", ["--eval_model_path={copy}/ckpt.pt", "--logdir={copy}", *TINY_EVAL],
+        ["shard_00000.npz", "nothing was written there"]),
+    "full disk, evaluation record": (
+        "enospc", "snn_eval.txt", 1, "evaluate.py", ["--eval_model_path={copy}/converted_snn.pt",
+                                                     "--logdir={copy}", *TINY_EVAL],
+        ["{copy}/snn_eval.txt", "the previous version there is intact"]),
+    "full disk, statistics": (
+        "enospc", "stats.npz", 1, "compute_fid_stats.py", ["--dataset=shapes", "--num_images=2", "--batch_size=2",
+                                                           "--features=inception", "--out={new}/stats.npz"],
+        ["{new}/stats.npz", "nothing was written there"]),
+}
+
+
+@pytest.fixture(scope="module")
+def faults(trained, inception_home, tmp_path_factory):
+    """{case of FAULTS: (the process as CompletedProcess, words, copy, new, the records of copy
+    before)}: the cases of one script run in one process (tests/cli_cases.py), each a command line
+    under its fault, two scripts at a time."""
+    base = tmp_path_factory.mktemp("faults")
+    by_script, made = {}, {}
+    for i, (case, (fault, name, nth, script, args, words)) in enumerate(FAULTS.items()):
+        copy, new = base / f"copy{i}", base / f"new{i}"
+        shutil.copytree(trained, copy)
+        before = {p: p.read_bytes() for p in (copy / "conversion.json", copy / "snn_eval.txt")}
+        fill = {"copy": copy, "new": new}
+        by_script.setdefault(script, {})[case] = {"argv": [a.format(**fill) for a in args], "fault": [fault, name, nth]}
+        made[case] = ([w.format(**fill) for w in words], copy, new, before)
+    results = run_cases_two_at_a_time(by_script, base, env={"TORCH_HOME": inception_home})
+    assert results.keys() == made.keys()
+    return {case: (subprocess.CompletedProcess([case], results[case]["code"], "", results[case]["stderr"]), *made[case])
+            for case in FAULTS}
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_previous(faults):
+    proc, words, _, logdir, _ = faults["full disk, second checkpoint"]
+    assert_one_line_error(proc, *words)
     assert checkpoint.load_checkpoint(str(logdir / "ckpt.pt"))["step"] == 1
     assert not temporaries(logdir) and not (logdir / LOCK_NAME).exists()
 
 
-def test_every_kind_of_output_fails_in_one_line(tmp_path, trained, inception_home):
+@pytest.mark.parametrize("case", [case for case in FAULTS if case != "full disk, second checkpoint"])
+def test_every_kind_of_output_fails_in_one_line(faults, case):
     """Backpacks, shards, images, JSON records and statistics under a full disk, a read-only
-    folder or a vanished one: one line naming the file, nothing half written left behind."""
-    cases = [  # (fault, name, nth, script, args, words)
-        ("erofs", "ckpt.pt", 1, "ANN_train.py", [*TINY_TRAIN, "--logdir={new}", "--total_steps=1"],
-         ["{new}/ckpt.pt", "Read-only file system", "nothing was written there"]),
-        ("vanish", "ckpt.pt", 2, "ANN_train.py", [*TINY_TRAIN, "--logdir={new}", "--total_steps=2", "--save_step=1"],
-         ["{new}/ckpt.pt", "no longer exists"]),
-        ("enospc", "png", 1, "ANN_train.py", [*TINY_TRAIN, "--logdir={new}", "--total_steps=1", "--sample_step=1",
-                                              "--sample_size=2", "--sampler=ddim", "--sample_steps=2"],
-         ["{new}/sample/1.png", "No space left"]),
-        ("enospc", "block_", 2, "SNN_ft.py", ["--logdir={copy}", "--ft_steps=1", "--batch_size=2", "--val_size=4",
-                                              "--sample_size=0", "--num_workers=0", "--neuron=if", "--norm=step"],
-         ["model_backpacks/block_01_head.pt", "nothing was written there"]),
-        ("enospc", "conversion.json", 1, "SNN_conversion.py", ["--logdir={copy}", "--sample_size=2", "--val_size=4",
-                                                               "--sampler=ddim", "--sample_steps=2"],
-         ["{copy}/conversion.json", "the previous version there is intact"]),
-        ("enospc", "shard_", 1, "evaluate.py", ["--eval_model_path={copy}/ckpt.pt", "--logdir={copy}", *TINY_EVAL],
-         ["shard_00000.npz", "nothing was written there"]),
-        ("enospc", "snn_eval.txt", 1, "evaluate.py", ["--eval_model_path={copy}/converted_snn.pt",
-                                                      "--logdir={copy}", *TINY_EVAL],
-         ["{copy}/snn_eval.txt", "the previous version there is intact"]),
-        ("enospc", "stats.npz", 1, "compute_fid_stats.py", ["--dataset=shapes", "--num_images=2", "--batch_size=2",
-                                                            "--features=inception", "--out={new}/stats.npz"],
-         ["{new}/stats.npz", "nothing was written there"]),
-    ]
-    by_script, expected = {}, {}
-    for i, (fault, name, nth, script, args, words) in enumerate(cases):
-        copy, new = tmp_path / f"copy{i}", tmp_path / f"new{i}"
-        subprocess.run(["cp", "-r", str(trained), str(copy)], check=True)
-        before = {p: open(p, "rb").read() for p in (copy / "conversion.json", copy / "snn_eval.txt")}
-        fill = {"copy": copy, "new": new}
-        by_script.setdefault(script, {})[f"case{i}"] = {"argv": [a.format(**fill) for a in args],
-                                                        "fault": [fault, name, nth]}
-        expected[f"case{i}"] = ([w.format(**fill) for w in words], copy, new, before)
-    # the cases of one script in one process (tests/cli_cases.py), each a command line under its fault
-    results = run_cases_two_at_a_time(by_script, tmp_path, env={"TORCH_HOME": inception_home})
-    assert results.keys() == expected.keys()
-    for case, (words, copy, new, before) in expected.items():
-        r = results[case]
-        assert_one_line_error(subprocess.CompletedProcess([case], r["code"], "", r["stderr"]), *words)
-        assert not temporaries(copy) and not temporaries(new)
-        for path, content in before.items():  # the previous records are intact
-            assert open(path, "rb").read() == content
+    folder or a vanished one: one line naming the file, nothing half written left behind, the
+    earlier records intact."""
+    proc, words, copy, new, before = faults[case]
+    assert_one_line_error(proc, *words)
+    assert not temporaries(copy) and not temporaries(new)
+    for path, content in before.items():
+        assert path.read_bytes() == content
 
 
 def _mount_tmpfs(folder, size):

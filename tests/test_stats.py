@@ -243,29 +243,25 @@ def test_exact_snn_has_its_anns_integer_baseline():
     assert s["ac_per_sample"] >= s["int_ann_add_per_sample"] > 0
 
 
-def test_bench_energy_prints_the_breakdown_and_draws_it(tmp_path):
-    """bench/energy.py on a tiny ANN ckpt.pt, converted on the fly: one row for the ANN, one for its
-    two-phase SNN, the roles adding up to the total, and a PNG."""
-    import os
-    import subprocess
-    import sys
-
-    from helpers import ROOT
+def test_bench_energy_prints_the_breakdown_and_draws_it(tmp_path, capsys):
+    """bench/energy.py (its ``main``, in this process) on a tiny ANN ckpt.pt, converted on the fly:
+    one row for the ANN, one for its two-phase SNN, the roles adding up to the total, and a PNG; a
+    missing checkpoint ends it with one ``error:`` line."""
+    from bench import energy
     from test_conversion_script import write_ckpt
     write_ckpt(tmp_path)
     out = tmp_path / "energy.png"
-    proc = subprocess.run([sys.executable, "-m", "bench.energy", str(tmp_path / "ckpt.pt"), "--neuron=two_phase",
-                           "--probe_images=1", "--sample_steps=2", "--labels", "tiny", f"--out={out}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr
-    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| tiny")]
+    energy.main([str(tmp_path / "ckpt.pt"), "--neuron=two_phase", "--probe_images=1", "--sample_steps=2",
+                 "--labels", "tiny", f"--out={out}"])
+    printed = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in printed.splitlines() if line.startswith("| tiny")]
     assert [r[0].strip() for r in rows] == ["tiny, ANN", "tiny, SNN"] and rows[1][1].strip() == "two_phase"
-    header = next(line for line in proc.stdout.splitlines() if line.startswith("| model"))
+    header = next(line for line in printed.splitlines() if line.startswith("| model"))
     roles = len(header.split("|")[1:-1]) - 8  # model, neuron, the roles, then 6 columns
     for r in rows:
         parts = [float(v) for v in r[2:2 + roles]]
         assert sum(parts) == pytest.approx(float(r[2 + roles].strip(" *")), abs=0.1 * roles)
     assert float(rows[1][-1]) == 39 and out.stat().st_size > 10_000  # one level: (12 + 1) x 3 steps
-    bad = subprocess.run([sys.executable, "-m", "bench.energy", str(tmp_path / "missing.pt")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
-    assert bad.returncode != 0 and bad.stderr.strip().startswith("error: ") and "Traceback" not in bad.stderr
+    with pytest.raises(SystemExit) as bad:  # what the interpreter prints on stderr, with exit status 1
+        energy.main([str(tmp_path / "missing.pt")])
+    assert isinstance(bad.value.code, str) and bad.value.code.startswith("error: ") and "\n" not in bad.value.code

@@ -9,15 +9,13 @@ script's own ``run(main)``), two scripts at a time: most of a process is importi
 import hashlib
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import ROOT, cases_results, run_cases_two_at_a_time, start_cases
+from tests.helpers import cases_results, run_cases_two_at_a_time, stage_in_process, start_cases
 
 FLAGFILES = {"ANN_train.py": "config/train_ANN/demo.txt", "SNN_conversion.py": "config/SNN_convert/demo.txt",
              "SNN_ft.py": "config/SNN_ft/demo.txt", "evaluate.py": "config/SNN_evaluate/demo.txt",
@@ -122,11 +120,8 @@ def template(tmp_path_factory, marker):
     (``partial/ckpt.pt``: no 'data' section; ``noweights.pt``; ``no_optim/ckpt.pt``: no optimiser),
     an empty folder and a folder of images one of which is broken."""
     folder = tmp_path_factory.mktemp("template")
-    cmd = [sys.executable, "ANN_train.py", "--flagfile=config/train_ANN/demo.txt", f"--logdir={folder}",
-           "--total_steps=1", "--save_step=1", "--sample_step=0"]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    stage_in_process("ANN_train.py", "--flagfile=config/train_ANN/demo.txt", f"--logdir={folder}", "--total_steps=1",
+                     "--save_step=1", "--sample_step=0")
     np.savez(folder / "bad.npz", mean=np.zeros(3))
     ckpt = torch.load(folder / "ckpt.pt", weights_only=True)
     for name in ("evil", "partial", "no_optim"):
