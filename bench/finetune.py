@@ -19,11 +19,9 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import torch
 
 from bench.modes import Bench, stage3, write_report
-from common.configs import SNNConfig
-from snn.io import load_model, to_snn
+from snn.io import load_model
 
 MODES = [("if", "step"), ("signed", "step")]
 # stage 3 variants: (label, tag suffix, SNN_ft.py flags over the demo flagfile)
@@ -82,19 +80,14 @@ def table(rows, ann, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bench = Bench(args, device)
+    bench = Bench(args)
     rows = []
     for neuron, norm in MODES:
         mode = f"{neuron}, {norm}"
-        snn = to_snn(bench.ann, SNNConfig(neuron, norm))
-        rows.append({**bench.measure(snn, mode), "mode": mode, "variant": "converted", "stage3": None})
-        print(json.dumps(rows[-1]), flush=True)
+        rows.append(bench.converted(neuron, norm, mode=mode, variant="converted", stage3=None))
         for label, suffix, extra in VARIANTS:
-            snn, record = tuned(args, bench.cfg.unet.bit, neuron, norm, suffix, extra, device)
-            rows.append({**bench.measure(snn, mode), "mode": mode, "variant": label,
-                         "stage3": stage3_summary(record)})
-            print(json.dumps(rows[-1]), flush=True)
+            snn, record = tuned(args, bench.cfg.unet.bit, neuron, norm, suffix, extra, bench.device)
+            rows.append(bench.row(snn, mode, mode=mode, variant=label, stage3=stage3_summary(record)))
     write_report(table(rows, bench.ann_row, args), rows, bench, args)
 
 

@@ -53,7 +53,8 @@ def stage3(*argv):
 class Bench:
     """The ANN, the held-out batch, its predictions and samples, and the scorer rows compare against."""
 
-    def __init__(self, args, device):
+    def __init__(self, args, device=None):
+        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.args, self.device = args, device
         self.ann, self.cfg, _ = load_training_ann(os.path.join(args.logdir, "ckpt.pt"), device, "auto")
         self.sampler_cfg = SamplerConfig(args.sampler, args.sample_steps, args.eta)
@@ -80,6 +81,16 @@ class Bench:
                 "negative_spike_fraction": stats["negative_spike_fraction"],
                 "energy_uJ_per_image": stats["energy_pJ_per_sample"] * self.calls / 1e6}
 
+    def row(self, snn, label, **extra):
+        """``measure(snn, label)`` with ``extra`` fields, printed as one JSON line."""
+        row = {**self.measure(snn, label), **extra}
+        print(json.dumps(row), flush=True)
+        return row
+
+    def converted(self, neuron, norm, **extra):
+        """The row of the ANN converted in mode (neuron, norm), labelled "neuron, norm"."""
+        return self.row(to_snn(self.ann, SNNConfig(neuron, norm)), f"{neuron}, {norm}", **extra)
+
     def finetuned(self, neuron, norm):
         """The SNN of mode (neuron, norm) after stage 3 with the demo flagfile's settings."""
         tag = f"bench_{neuron}_{norm}"
@@ -105,16 +116,11 @@ def table(rows, ann, args, calls):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bench = Bench(args, device)
-    rows = []
-    for neuron, norm in MODES:
-        rows.append(bench.measure(to_snn(bench.ann, SNNConfig(neuron, norm)), f"{neuron}, {norm}"))
-        print(json.dumps({k: v for k, v in rows[-1].items()}), flush=True)
+    bench = Bench(args)
+    rows = [bench.converted(neuron, norm) for neuron, norm in MODES]
     if args.finetune:
-        for neuron, norm in [(n, m) for n, m in MODES if n != "graded"]:
-            rows.append(bench.measure(bench.finetuned(neuron, norm), f"{neuron}, {norm}, fine-tuned"))
-            print(json.dumps(rows[-1]), flush=True)
+        rows += [bench.row(bench.finetuned(neuron, norm), f"{neuron}, {norm}, fine-tuned")
+                 for neuron, norm in MODES if neuron != "graded"]
     write_report(table(rows, bench.ann_row, args, bench.calls), rows, bench, args)
 
 

@@ -370,14 +370,19 @@ def test_a_change_is_kept_when_no_error_grows_and_one_falls():
     assert ft.Errors(0.5).improved_by(ft.Errors(0.4)) and not ft.Errors(0.5).improved_by(ft.Errors(0.5))
 
 
-@pytest.mark.parametrize("val,sample", [(0.5, 2.0), (2.0, 0.5)])
-def test_steps_that_lower_one_error_and_raise_the_other_are_reverted(val, sample):
+def block_five():
+    """(ANN, SNN with frozen thresholds, the pair of their 6th blocks, a snapshot of the SNN block,
+    its training batches): the setting of the keep-or-revert tests."""
     ann, snn = tiny_pair()
     ft.freeze_thresholds(snn)
     ann.requires_grad_(False)
     pair = ft.block_pairs(snn, ann)[5]
-    original = ft.snapshot(pair.snn_block)
-    batches = batches_for_tiny(GaussianDiffusion(1e-4, 0.02, T_DIFF))(0)
+    return ann, snn, pair, ft.snapshot(pair.snn_block), batches_for_tiny(GaussianDiffusion(1e-4, 0.02, T_DIFF))(0)
+
+
+@pytest.mark.parametrize("val,sample", [(0.5, 2.0), (2.0, 0.5)])
+def test_steps_that_lower_one_error_and_raise_the_other_are_reverted(val, sample):
+    ann, snn, pair, original, batches = block_five()
     record = tuner(ann, snn, validate=lambda: val, sample_error=lambda: sample).tune_block(pair, batches, 1.0, 1.0)
     assert record.steps == 5 and not record.kept and (record.val_after, record.sample_after) == (val, sample)
     assert (record.val_end, record.sample_end) == (1.0, 1.0)
@@ -393,12 +398,7 @@ def test_bias_correction_is_judged_first_and_the_steps_on_top_of_what_was_kept()
     """A correction that lowers the one-call error but raises the sample error is reverted bit for
     bit; one that lowers both is kept, and the steps are judged against its errors (and, when
     they make one worse, reverted to the corrected block)."""
-    ann, snn = tiny_pair()
-    ft.freeze_thresholds(snn)
-    ann.requires_grad_(False)
-    pair = ft.block_pairs(snn, ann)[5]
-    original = ft.snapshot(pair.snn_block)
-    batches = batches_for_tiny(GaussianDiffusion(1e-4, 0.02, T_DIFF))(0)
+    ann, snn, pair, original, batches = block_five()
 
     def judged_by(*errors):
         """validate() and sample_error() returning the given (val, sample) pairs in turn."""
