@@ -113,7 +113,7 @@ class UNetConfig:
     num_res_blocks: int = setting(2, "ResBlocks per level", **AT_LEAST_1)
     dropout: float = setting(0.1, "dropout rate of the ResBlocks", check=lambda p: 0 <= p < 1,
                              message="must be in [0, 1)")
-    bit: int = setting(2, "activation bits; the SNN runs T = 2**bit - 1 steps; 32 = full precision",
+    bit: int = setting(2, "activation bits; the SNN runs time_steps = 2**bit - 1 steps per call; 32 = full precision",
                        check=lambda b: 1 <= b <= 8 or b == 32, message="must be in 1..8 or 32")
     wbit: int = setting(32, "APoT weight bits (32 = full-precision weights, as in the seed)",
                         check=lambda b: 2 <= b <= 7 or b == 32, message="must be in 2..7 or 32")
