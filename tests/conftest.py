@@ -58,3 +58,60 @@ def snn_tiny_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("snn_tiny_run") / "run"
     train_tiny_in_process(folder, 2, "--img_size=8")
     return folder
+
+
+# the FID Inception without a download: random weights under the real file name ---------------
+
+def random_inception_state(seed=0):
+    """The state dict of the library's FID Inception, randomly initialised (no download).
+
+    The library builds the network and then loads the weights file into it; the loader is
+    replaced by one that hands the freshly built network back instead.
+    """
+    import pytorch_image_generation_metrics.inception as lib_inception
+    import torch
+    from torchvision.models import inception as tv_inception
+    built = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lib_inception, "load_state_dict_from_url", lambda *args, **kwargs: None)
+        mp.setattr(tv_inception.Inception3, "load_state_dict", lambda self, *args, **kwargs: built.append(self))
+        lib_inception.fid_inception_v3()
+    torch.manual_seed(seed)
+    for module in built[0].modules():  # He init keeps activations O(1) through ~40 layers
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        elif isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=0.01)
+    return built[0].state_dict()
+
+
+@pytest.fixture(scope="session")
+def inception_home(tmp_path_factory):
+    """A TORCH_HOME folder holding random Inception weights under the real file name (made once
+    a session; read it)."""
+    import torch
+    from metrics import inception
+    home = tmp_path_factory.mktemp("torch_home")
+    path = home / "hub" / "checkpoints" / inception.WEIGHTS_NAME
+    path.parent.mkdir(parents=True)
+    torch.save(random_inception_state(), path)
+    return str(home)
+
+
+@pytest.fixture
+def torch_home(inception_home, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", inception_home)
+    return inception_home
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """An empty TORCH_HOME and no network for torch.hub."""
+    import urllib.error
+    import pytorch_image_generation_metrics.inception as lib_inception
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_home"))
+    monkeypatch.setattr(lib_inception, "load_state_dict_from_url", refuse)

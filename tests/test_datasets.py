@@ -24,7 +24,6 @@ from model.checkpoint import load_checkpoint
 from common.errors import UserError
 from helpers import stage_in_process
 from metrics import inception, scores, shards
-from test_metrics import inception_home  # noqa: F401 (fixture)
 
 # A tiny UNet over each flagfile's levels; --ch_mult stays the flagfile's (a repeated flag adds levels)
 TINY = ["--ch=16", "--num_groups=8", "--num_res_blocks=1", "--dropout=0", "--T=100", "--batch_size=4",

@@ -19,7 +19,6 @@ from metrics import inception, scores, shards
 from metrics.evaluation import evaluate
 from snn.convert import convert
 from snn.io import save_snn
-from test_metrics import inception_home, offline, torch_home  # noqa: F401 (fixtures)
 
 TINY = configs.ModelConfig(configs.UNetConfig(ch=32, ch_mult=(1,), attn=(), num_res_blocks=1, dropout=0.0, bit=2),
                            configs.DiffusionConfig(T=20), configs.DataConfig("shapes", 8))

@@ -1,20 +1,18 @@
 """FID / IS plumbing with the real pytorch-gan-metrics Inception network (random weights), shards.
 
 The Inception weights are random (the real ones cannot be downloaded here); they are saved under
-the real file name into a temporary TORCH_HOME, so torch.hub and the library load them as usual.
+the real file name into a temporary TORCH_HOME (``inception_home`` in conftest.py), so torch.hub
+and the library load them as usual.
 The numbers are meaningless; the properties tested hold for any weights.
 """
 import json
 import os
-import urllib.error
 
 import numpy as np
 import pytest
 import torch
 
-import pytorch_image_generation_metrics.inception as lib_inception
 from pytorch_image_generation_metrics.core import calculate_frechet_distance
-from torchvision.models import inception as tv_inception
 
 from model.data import draw_shape
 from common.errors import UserError
@@ -22,52 +20,6 @@ from helpers import stage_in_process
 from metrics import inception, scores, shards
 from metrics.report import append_jsonl, psnr
 
-
-
-def random_inception_state(seed=0):
-    """The state dict of the library's FID Inception, randomly initialised (no download).
-
-    The library builds the network and then loads the weights file into it; the loader is
-    replaced by one that hands the freshly built network back instead.
-    """
-    built = []
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lib_inception, "load_state_dict_from_url", lambda *args, **kwargs: None)
-        mp.setattr(tv_inception.Inception3, "load_state_dict", lambda self, *args, **kwargs: built.append(self))
-        lib_inception.fid_inception_v3()
-    torch.manual_seed(seed)
-    for module in built[0].modules():  # He init keeps activations O(1) through ~40 layers
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-        elif isinstance(module, torch.nn.Linear):
-            torch.nn.init.normal_(module.weight, std=0.01)
-    return built[0].state_dict()
-
-
-@pytest.fixture(scope="module")
-def inception_home(tmp_path_factory):
-    """A TORCH_HOME folder holding random Inception weights under the real file name."""
-    home = tmp_path_factory.mktemp("torch_home")
-    path = home / "hub" / "checkpoints" / inception.WEIGHTS_NAME
-    path.parent.mkdir(parents=True)
-    torch.save(random_inception_state(), path)
-    return str(home)
-
-
-@pytest.fixture
-def torch_home(inception_home, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", inception_home)
-    return inception_home
-
-
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """An empty TORCH_HOME and no network for torch.hub."""
-    def refuse(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_home"))
-    monkeypatch.setattr(lib_inception, "load_state_dict_from_url", refuse)
 
 
 def shapes_uint8(n, start=0):

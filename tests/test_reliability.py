@@ -32,7 +32,6 @@ from helpers import (ROOT, TINY_TRAIN, assert_one_line_error, run_cases_two_at_a
                      train_tiny_in_process)
 from metrics import scores, shards
 from metrics.report import append_jsonl
-from test_metrics import inception_home  # noqa: F401 (fixture)
 
 TINY_EVAL = ["--sampler=ddim", "--sample_steps=2", "--num_images=8", "--batch_size=4", "--fid=skip",
              "--probe_images=2"]
