@@ -1,7 +1,7 @@
 """The scripts under torchrun: two CPU processes (gloo).
 
-Six torchrun launches (~15-20 s each on two cores): train 3 steps, resume to 5, a sharded
-evaluation compared with a single process, and conversion and fine-tuning of the trained model.
+Five torchrun launches (4 to 8 s each on two cores): train 3 steps, resume to 5, a sharded
+evaluation compared with one in this process, and conversion and fine-tuning of the trained model.
 """
 import json
 import os
@@ -17,7 +17,7 @@ from common import configs
 from model.checkpoint import load_checkpoint
 from model.build import build_unet
 from snn.io import load_model
-from tests.helpers import ROOT, TINY_TRAIN, run_script
+from tests.helpers import ROOT, TINY_TRAIN, stage_in_process
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available")
@@ -98,15 +98,15 @@ def test_resumed_distributed_run_continues_from_the_saved_step(trained, tmp_path
 
 
 def test_sharded_evaluation_makes_the_images_of_one_process(trained, tmp_path):
-    """Two ranks share the shards; every shard is seeded by its index, so the images are the same."""
+    """Two ranks share the shards; every shard is seeded by its index, so the images are those of
+    one process (this one)."""
     ckpt = os.path.join(trained[0], "ckpt.pt")
     common = [f"--eval_model_path={ckpt}", "--num_images=6", "--batch_size=2", "--sampler=ddim",
               "--sample_steps=2", "--fid=skip", "--probe_images=0", "--nopic_or_not"]
-    folders = {}
-    for name, launch in (("one", run_script), ("two", torchrun)):
-        folders[name] = tmp_path / name / "png"
-        launch("evaluate.py" if launch is run_script else os.path.join(ROOT, "evaluate.py"), *common,
-               f"--logdir={tmp_path / name}", f"--save_images={folders[name]}")
+    folders = {name: tmp_path / name / "png" for name in ("one", "two")}
+    stage_in_process("evaluate.py", *common, f"--logdir={tmp_path / 'one'}", f"--save_images={folders['one']}")
+    torchrun(os.path.join(ROOT, "evaluate.py"), *common, f"--logdir={tmp_path / 'two'}",
+             f"--save_images={folders['two']}")
     one, two = (sorted(os.listdir(folders[k])) for k in ("one", "two"))
     assert len(one) == len(two) == 6 and one == two
     for name in one:
